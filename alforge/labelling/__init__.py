@@ -1,0 +1,1 @@
+"""Labellers turn a structure into a reference label (energy, forces, stress) or a classified failure."""

@@ -1,0 +1,79 @@
+"""The selector contract shared by every selection method.
+
+A selector follows scikit-learn's estimator shape: hyperparameters go to ``__init__`` (and are
+recorded verbatim with each selection in the store via :meth:`Selector.get_params`), the work
+happens in :meth:`Selector.select`, which sees plain NumPy arrays only. That keeps every method
+testable and benchmarkable without a database or Prefect.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome of one call to :meth:`Selector.select`.
+
+    ``indices`` are candidate rows in pick order; ``scores[k]`` is the score that pick ``k`` had
+    at the moment it was picked (so for greedy methods the scores are generally non-increasing).
+    ``info`` carries method-specific diagnostics that are small and JSON-serialisable.
+    """
+
+    indices: np.ndarray
+    scores: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.indices) != len(self.scores):
+            raise ValueError(
+                f"Selection has {len(self.indices)} indices but {len(self.scores)} scores"
+            )
+
+
+class Selector:
+    """Base class: subclasses set ``name`` and implement :meth:`select`."""
+
+    name: str = ""
+    #: what ``candidates``/``train`` rows are: "structure" (one row per structure) or
+    #: "atom" (one row per atom; the adapter passes ``groups`` mapping rows to structures).
+    level: str = "structure"
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments, read back from attributes of the same name."""
+        sig = inspect.signature(type(self).__init__)
+        return {p: getattr(self, p) for p in sig.parameters if p != "self"}
+
+    def select(
+        self,
+        candidates: np.ndarray,
+        budget: int,
+        train: np.ndarray | None = None,
+        **context: Any,
+    ) -> Selection:
+        raise NotImplementedError
+
+
+def check_features(name: str, array: np.ndarray | None, dim: int | None = None) -> np.ndarray | None:
+    """Validate a 2-D finite feature array, naming it in the error."""
+    if array is None:
+        return None
+    array = np.asarray(array)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (n, d) array, got shape {array.shape}")
+    if dim is not None and array.shape[1] != dim:
+        raise ValueError(f"{name} has feature dimension {array.shape[1]}, expected {dim}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} contains non-finite values")
+    return array
+
+
+def check_budget(budget: int, n_candidates: int) -> int:
+    """Clamp ``budget`` to the number of candidates; reject negatives."""
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    return min(int(budget), n_candidates)
