@@ -1,0 +1,154 @@
+"""ORM tables (SQLAlchemy 2.0 declarative). The schema's history lives in Alembic migrations
+(``alforge/storage/migrations``); a test checks the two agree.
+
+Arrays are BLOBs of raw bytes (see :mod:`alforge.storage.arrays`); small dictionaries (configs,
+metrics, provenance) are JSON text.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Campaign(Base):
+    __tablename__ = "campaigns"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    config_json: Mapped[str] = mapped_column(Text)
+    #: running | paused | finished
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    status_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Iteration(Base):
+    __tablename__ = "iterations"
+    __table_args__ = (UniqueConstraint("campaign_id", "index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    #: set once all of this iteration's MD frames are stored (exploration is all-or-nothing)
+    explored: Mapped[bool] = mapped_column(Boolean, default=False)
+    stop_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    summary_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Structure(Base):
+    __tablename__ = "structures"
+    __table_args__ = (UniqueConstraint("campaign_id", "hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"), index=True)
+    hash: Mapped[str] = mapped_column(String(64))
+    #: seed | candidate | test
+    role: Mapped[str] = mapped_column(String(20), index=True)
+    #: where it came from: import | generate | md | embedding ...
+    source: Mapped[str] = mapped_column(String(40))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("structures.id"), nullable=True)
+    iteration_id: Mapped[int | None] = mapped_column(ForeignKey("iterations.id"), nullable=True, index=True)
+    provenance_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    quarantined: Mapped[bool] = mapped_column(Boolean, default=False)
+    n_atoms: Mapped[int] = mapped_column(Integer)
+    formula: Mapped[str] = mapped_column(String(200))
+    numbers: Mapped[bytes] = mapped_column(LargeBinary)
+    positions: Mapped[bytes] = mapped_column(LargeBinary)
+    cell: Mapped[bytes] = mapped_column(LargeBinary)
+    pbc: Mapped[str] = mapped_column(String(3))
+    info_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    arrays_npz: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Label(Base):
+    __tablename__ = "labels"
+    __table_args__ = (UniqueConstraint("structure_id", "calculator", "params_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    structure_id: Mapped[int] = mapped_column(ForeignKey("structures.id", ondelete="CASCADE"), index=True)
+    calculator: Mapped[str] = mapped_column(String(200))
+    params_hash: Mapped[str] = mapped_column(String(64))
+    #: pending | running | done | failed
+    status: Mapped[str] = mapped_column(String(20), index=True, default="pending")
+    failure_class: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    output_tail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    energy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    forces: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    stress: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    wall_time: Mapped[float | None] = mapped_column(Float, nullable=True)
+    host: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    code_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    metadata_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Model(Base):
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("campaign_id", "iteration_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"), index=True)
+    iteration_id: Mapped[int] = mapped_column(ForeignKey("iterations.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(Text)
+    parent_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"), nullable=True)
+    #: int64 bytes: the exact structure ids the model was trained on
+    train_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    metrics_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Feature(Base):
+    __tablename__ = "features"
+    __table_args__ = (UniqueConstraint("structure_id", "model_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    structure_id: Mapped[int] = mapped_column(ForeignKey("structures.id", ondelete="CASCADE"), index=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    #: last_layer | invariant | ...
+    kind: Mapped[str] = mapped_column(String(40))
+    dtype: Mapped[str] = mapped_column(String(10))
+    shape: Mapped[str] = mapped_column(String(40))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Selection(Base):
+    __tablename__ = "selections"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    iteration_id: Mapped[int] = mapped_column(ForeignKey("iterations.id", ondelete="CASCADE"), unique=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    selector: Mapped[str] = mapped_column(String(80))
+    params_json: Mapped[str] = mapped_column(Text)
+    #: int64 bytes: candidate structure ids considered; picked ids in pick order; float64 scores
+    candidate_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    picked_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    scores: Mapped[bytes] = mapped_column(LargeBinary)
+    info_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

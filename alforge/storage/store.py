@@ -1,0 +1,550 @@
+"""High-level access to the store: one method per unit of work, each its own transaction.
+
+Tasks call these methods and never build queries themselves, so every persistence rule (dedup,
+label state machine, feature keys) lives here once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from alforge.storage import arrays, models
+from alforge.storage.atoms_codec import atoms_to_columns, canonical_hash, columns_to_atoms
+from alforge.storage.schema import make_engine, upgrade
+
+_STRUCTURE_COLUMNS = (
+    models.Structure.id,
+    models.Structure.n_atoms,
+    models.Structure.numbers,
+    models.Structure.positions,
+    models.Structure.cell,
+    models.Structure.pbc,
+    models.Structure.info_json,
+    models.Structure.arrays_npz,
+)
+
+
+@dataclass(frozen=True)
+class LabelRecord:
+    """What a finished (or failed) labelling attempt left behind, ready to store."""
+
+    status: str  # done | failed
+    energy: float | None = None
+    forces: np.ndarray | None = None
+    stress: np.ndarray | None = None
+    failure_class: str | None = None
+    error: str | None = None
+    output_tail: str | None = None
+    wall_time: float | None = None
+    host: str | None = None
+    code_version: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: int
+    iteration_index: int
+    path: str
+    train_ids: np.ndarray
+    metrics: dict[str, Any]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _ids(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<i8").copy()
+
+
+class Store:
+    """Open (and migrate) the database at ``url``; any SQLAlchemy URL works."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        upgrade(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---------------------------------------------------------------- campaigns, iterations
+    def get_or_create_campaign(self, name: str, config: dict[str, Any]) -> int:
+        with self.session() as s, s.begin():
+            row = s.scalar(select(models.Campaign).where(models.Campaign.name == name))
+            if row is None:
+                row = models.Campaign(name=name, config_json=json.dumps(config), status="running")
+                s.add(row)
+                s.flush()
+            else:
+                row.config_json = json.dumps(config)
+            return row.id
+
+    def campaign_id(self, name: str) -> int:
+        with self.session() as s:
+            cid = s.scalar(select(models.Campaign.id).where(models.Campaign.name == name))
+        if cid is None:
+            raise KeyError(f"no campaign named {name!r} in {self.url}")
+        return cid
+
+    def campaigns(self) -> list[models.Campaign]:
+        with self.session() as s:
+            return list(s.scalars(select(models.Campaign).order_by(models.Campaign.id)))
+
+    def set_campaign_status(self, campaign_id: int, status: str, message: str | None = None) -> None:
+        with self.session() as s, s.begin():
+            s.execute(
+                update(models.Campaign)
+                .where(models.Campaign.id == campaign_id)
+                .values(status=status, status_message=message)
+            )
+
+    def get_or_create_iteration(self, campaign_id: int, index: int) -> int:
+        with self.session() as s, s.begin():
+            row = s.scalar(
+                select(models.Iteration).where(
+                    models.Iteration.campaign_id == campaign_id, models.Iteration.index == index
+                )
+            )
+            if row is None:
+                row = models.Iteration(campaign_id=campaign_id, index=index, explored=False)
+                s.add(row)
+                s.flush()
+            return row.id
+
+    def iterations(self, campaign_id: int) -> list[models.Iteration]:
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(models.Iteration)
+                    .where(models.Iteration.campaign_id == campaign_id)
+                    .order_by(models.Iteration.index)
+                )
+            )
+
+    def iteration(self, iteration_id: int) -> models.Iteration:
+        with self.session() as s:
+            return s.get_one(models.Iteration, iteration_id)
+
+    def finish_iteration(
+        self, iteration_id: int, summary: dict[str, Any], stop_reason: str | None = None
+    ) -> None:
+        with self.session() as s, s.begin():
+            s.execute(
+                update(models.Iteration)
+                .where(models.Iteration.id == iteration_id)
+                .values(summary_json=json.dumps(summary), stop_reason=stop_reason, finished_at=_now())
+            )
+
+    # ---------------------------------------------------------------- structures
+    def add_structures(
+        self,
+        campaign_id: int,
+        atoms_list: Sequence[Atoms],
+        role: str,
+        source: str,
+        iteration_id: int | None = None,
+        parent_ids: Sequence[int | None] | None = None,
+        provenance: Sequence[dict[str, Any] | None] | None = None,
+    ) -> list[int]:
+        """Insert structures, deduplicated by canonical hash within the campaign.
+
+        Returns one id per input, in order; a duplicate (of a stored structure or of an earlier
+        input) maps to the existing id and its provenance is left as first recorded.
+        """
+        ids: list[int] = []
+        with self.session() as s, s.begin():
+            known: dict[str, int] = {}
+            hashes = [canonical_hash(a) for a in atoms_list]
+            for chunk_start in range(0, len(hashes), 500):
+                chunk = hashes[chunk_start : chunk_start + 500]
+                rows = s.execute(
+                    select(models.Structure.hash, models.Structure.id).where(
+                        models.Structure.campaign_id == campaign_id, models.Structure.hash.in_(chunk)
+                    )
+                )
+                known.update({h: i for h, i in rows})
+            for k, (atoms, h) in enumerate(zip(atoms_list, hashes)):
+                if h in known:
+                    ids.append(known[h])
+                    continue
+                cols = atoms_to_columns(atoms)
+                row = models.Structure(
+                    campaign_id=campaign_id,
+                    role=role,
+                    source=source,
+                    iteration_id=iteration_id,
+                    parent_id=parent_ids[k] if parent_ids else None,
+                    provenance_json=json.dumps(provenance[k]) if provenance and provenance[k] else None,
+                    quarantined=False,
+                    **cols,
+                )
+                s.add(row)
+                s.flush()
+                known[h] = row.id
+                ids.append(row.id)
+        return ids
+
+    def get_atoms(self, ids: Sequence[int]) -> list[Atoms]:
+        """Structures in the order of ``ids``, with ``info['alforge_id']`` set."""
+        by_id: dict[int, Atoms] = {}
+        with self.session() as s:
+            for start in range(0, len(ids), 500):
+                chunk = list(ids[start : start + 500])
+                for row in s.execute(select(*_STRUCTURE_COLUMNS).where(models.Structure.id.in_(chunk))):
+                    by_id[row.id] = columns_to_atoms(*row[1:])
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise KeyError(f"structure ids not in the store: {missing[:10]}")
+        out = []
+        for i in ids:
+            atoms = by_id[i].copy()
+            atoms.info["alforge_id"] = int(i)
+            out.append(atoms)
+        return out
+
+    def structure_ids(
+        self,
+        campaign_id: int,
+        role: str | None = None,
+        iteration_id: int | None = None,
+        include_quarantined: bool = True,
+    ) -> list[int]:
+        q = select(models.Structure.id).where(models.Structure.campaign_id == campaign_id)
+        if role is not None:
+            q = q.where(models.Structure.role == role)
+        if iteration_id is not None:
+            q = q.where(models.Structure.iteration_id == iteration_id)
+        if not include_quarantined:
+            q = q.where(models.Structure.quarantined.is_(False))
+        with self.session() as s:
+            return list(s.scalars(q.order_by(models.Structure.id)))
+
+    def mark_explored(self, iteration_id: int) -> None:
+        with self.session() as s, s.begin():
+            s.execute(update(models.Iteration).where(models.Iteration.id == iteration_id).values(explored=True))
+
+    def quarantine(self, structure_ids: Iterable[int]) -> None:
+        with self.session() as s, s.begin():
+            s.execute(
+                update(models.Structure)
+                .where(models.Structure.id.in_(list(structure_ids)))
+                .values(quarantined=True)
+            )
+
+    # ---------------------------------------------------------------- labels
+    def request_labels(self, structure_ids: Sequence[int], calculator: str, params_hash: str) -> None:
+        """Create pending label rows for structures that have none for this calculator set-up."""
+        with self.session() as s, s.begin():
+            have = set(
+                s.scalars(
+                    select(models.Label.structure_id).where(
+                        models.Label.structure_id.in_(list(structure_ids)),
+                        models.Label.calculator == calculator,
+                        models.Label.params_hash == params_hash,
+                    )
+                )
+            )
+            todo = [i for i in dict.fromkeys(structure_ids) if i not in have]
+            if todo:
+                s.execute(
+                    insert(models.Label),
+                    [
+                        {
+                            "structure_id": i,
+                            "calculator": calculator,
+                            "params_hash": params_hash,
+                            "status": "pending",
+                            "attempts": 0,
+                            "created_at": _now(),
+                        }
+                        for i in todo
+                    ],
+                )
+
+    def unfinished_labels(self, campaign_id: int) -> list[tuple[int, int]]:
+        """``(label_id, structure_id)`` of labels not yet done or failed.
+
+        A label left ``running`` by a killed process never finished, so it is returned too and
+        will be computed (for the first time to completion) by the next run.
+        """
+        with self.session() as s:
+            rows = s.execute(
+                select(models.Label.id, models.Label.structure_id)
+                .join(models.Structure, models.Structure.id == models.Label.structure_id)
+                .where(
+                    models.Structure.campaign_id == campaign_id,
+                    models.Label.status.in_(("pending", "running")),
+                )
+                .order_by(models.Label.id)
+            )
+            return [(r[0], r[1]) for r in rows]
+
+    def start_label(self, label_id: int) -> bool:
+        """Mark a label running; False if it already finished (so it must not be recomputed)."""
+        with self.session() as s, s.begin():
+            res = s.execute(
+                update(models.Label)
+                .where(models.Label.id == label_id, models.Label.status.in_(("pending", "running")))
+                .values(status="running", attempts=models.Label.attempts + 1)
+            )
+            return res.rowcount == 1
+
+    def finish_label(self, label_id: int, record: LabelRecord) -> None:
+        values: dict[str, Any] = {
+            "status": record.status,
+            "energy": record.energy,
+            "forces": arrays.pack(record.forces),
+            "stress": arrays.pack(record.stress),
+            "failure_class": record.failure_class,
+            "error": record.error,
+            "output_tail": record.output_tail,
+            "wall_time": record.wall_time,
+            "host": record.host,
+            "code_version": record.code_version,
+            "metadata_json": json.dumps(record.metadata) if record.metadata else None,
+            "finished_at": _now(),
+        }
+        with self.session() as s, s.begin():
+            s.execute(update(models.Label).where(models.Label.id == label_id).values(**values))
+
+    def labelled_ids(self, campaign_id: int, role: str | None = None) -> list[int]:
+        """Structure ids with a finished label (any calculator), sorted."""
+        q = (
+            select(models.Structure.id)
+            .join(models.Label, models.Label.structure_id == models.Structure.id)
+            .where(models.Structure.campaign_id == campaign_id, models.Label.status == "done")
+        )
+        if role is not None:
+            q = q.where(models.Structure.role == role)
+        with self.session() as s:
+            return sorted(set(s.scalars(q)))
+
+    def get_labelled_atoms(self, ids: Sequence[int]) -> list[Atoms]:
+        """Structures with their finished labels attached as a ``SinglePointCalculator``."""
+        atoms_list = self.get_atoms(ids)
+        with self.session() as s:
+            rows = {
+                r.structure_id: r
+                for r in s.execute(
+                    select(
+                        models.Label.structure_id,
+                        models.Label.energy,
+                        models.Label.forces,
+                        models.Label.stress,
+                        models.Label.calculator,
+                    ).where(models.Label.structure_id.in_(list(ids)), models.Label.status == "done")
+                )
+            }
+        for atoms in atoms_list:
+            sid = atoms.info["alforge_id"]
+            if sid not in rows:
+                raise KeyError(f"structure {sid} has no finished label")
+            r = rows[sid]
+            results: dict[str, Any] = {
+                "energy": r.energy,
+                "forces": arrays.unpack(r.forces, (len(atoms), 3)),
+            }
+            if r.stress is not None:
+                results["stress"] = arrays.unpack(r.stress, (3, 3))
+            atoms.calc = SinglePointCalculator(atoms, **results)
+            atoms.info["label_calculator"] = r.calculator
+        return atoms_list
+
+    def label_counts(self, campaign_id: int) -> dict[str, int]:
+        with self.session() as s:
+            rows = s.execute(
+                select(models.Label.status, func.count())
+                .join(models.Structure, models.Structure.id == models.Label.structure_id)
+                .where(models.Structure.campaign_id == campaign_id)
+                .group_by(models.Label.status)
+            )
+            return {status: n for status, n in rows}
+
+    def labels(self, structure_ids: Sequence[int]) -> list[models.Label]:
+        with self.session() as s:
+            return list(
+                s.scalars(select(models.Label).where(models.Label.structure_id.in_(list(structure_ids))))
+            )
+
+    # ---------------------------------------------------------------- models
+    def add_model(
+        self,
+        campaign_id: int,
+        iteration_id: int,
+        path: str,
+        train_ids: Sequence[int],
+        metrics: dict[str, Any],
+        parent_model_id: int | None = None,
+    ) -> int:
+        with self.session() as s, s.begin():
+            row = models.Model(
+                campaign_id=campaign_id,
+                iteration_id=iteration_id,
+                path=path,
+                parent_model_id=parent_model_id,
+                train_ids=np.asarray(train_ids, dtype="<i8").tobytes(),
+                metrics_json=json.dumps(metrics),
+            )
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def update_model_metrics(self, model_id: int, metrics: dict[str, Any]) -> None:
+        with self.session() as s, s.begin():
+            row = s.get_one(models.Model, model_id)
+            merged = json.loads(row.metrics_json or "{}")
+            merged.update(metrics)
+            row.metrics_json = json.dumps(merged)
+
+    def _model_info(self, row: models.Model, index: int) -> ModelInfo:
+        return ModelInfo(row.id, index, row.path, _ids(row.train_ids), json.loads(row.metrics_json or "{}"))
+
+    def model_for_iteration(self, iteration_id: int) -> ModelInfo | None:
+        with self.session() as s:
+            row = s.execute(
+                select(models.Model, models.Iteration.index)
+                .join(models.Iteration, models.Iteration.id == models.Model.iteration_id)
+                .where(models.Model.iteration_id == iteration_id)
+            ).first()
+            return None if row is None else self._model_info(row[0], row[1])
+
+    def models(self, campaign_id: int) -> list[ModelInfo]:
+        with self.session() as s:
+            rows = s.execute(
+                select(models.Model, models.Iteration.index)
+                .join(models.Iteration, models.Iteration.id == models.Model.iteration_id)
+                .where(models.Model.campaign_id == campaign_id)
+                .order_by(models.Iteration.index)
+            )
+            return [self._model_info(m, i) for m, i in rows]
+
+    def model(self, model_id: int) -> ModelInfo:
+        with self.session() as s:
+            m, index = s.execute(
+                select(models.Model, models.Iteration.index)
+                .join(models.Iteration, models.Iteration.id == models.Model.iteration_id)
+                .where(models.Model.id == model_id)
+            ).one()
+            return self._model_info(m, index)
+
+    # ---------------------------------------------------------------- features
+    def put_features(self, model_id: int, kind: str, features: dict[int, np.ndarray], dtype: str = "<f8") -> None:
+        """Bulk-insert one array per structure (Core executemany: the ORM is ~6× slower)."""
+        rows = []
+        for sid, arr in features.items():
+            data, dt, shape = arrays.encode(arr, dtype)
+            rows.append(
+                {"structure_id": sid, "model_id": model_id, "kind": kind, "dtype": dt, "shape": shape, "data": data}
+            )
+        if not rows:
+            return
+        with self.session() as s, s.begin():
+            s.execute(insert(models.Feature), rows)
+
+    def missing_features(self, model_id: int, kind: str, structure_ids: Sequence[int]) -> list[int]:
+        with self.session() as s:
+            have = set(
+                s.scalars(
+                    select(models.Feature.structure_id).where(
+                        models.Feature.model_id == model_id, models.Feature.kind == kind
+                    )
+                )
+            )
+        return [i for i in structure_ids if i not in have]
+
+    def get_features(self, model_id: int, kind: str, structure_ids: Sequence[int]) -> list[np.ndarray]:
+        """One array per structure, in the order of ``structure_ids``."""
+        found: dict[int, np.ndarray] = {}
+        with self.session() as s:
+            for start in range(0, len(structure_ids), 900):
+                chunk = list(structure_ids[start : start + 900])
+                rows = s.execute(
+                    select(
+                        models.Feature.structure_id, models.Feature.data, models.Feature.dtype, models.Feature.shape
+                    ).where(
+                        models.Feature.model_id == model_id,
+                        models.Feature.kind == kind,
+                        models.Feature.structure_id.in_(chunk),
+                    )
+                )
+                for sid, data, dt, shape in rows:
+                    found[sid] = arrays.decode(data, dt, shape)
+        missing = [i for i in structure_ids if i not in found]
+        if missing:
+            raise KeyError(f"no {kind!r} features of model {model_id} for structures {missing[:10]}")
+        return [found[i] for i in structure_ids]
+
+    def feature_count(self, campaign_id: int) -> int:
+        with self.session() as s:
+            return s.scalar(
+                select(func.count())
+                .select_from(models.Feature)
+                .join(models.Model, models.Model.id == models.Feature.model_id)
+                .where(models.Model.campaign_id == campaign_id)
+            )
+
+    # ---------------------------------------------------------------- selections
+    def add_selection(
+        self,
+        iteration_id: int,
+        model_id: int,
+        selector: str,
+        params: dict[str, Any],
+        candidate_ids: Sequence[int],
+        picked_ids: Sequence[int],
+        scores: Sequence[float],
+        info: dict[str, Any] | None = None,
+    ) -> int:
+        with self.session() as s, s.begin():
+            row = models.Selection(
+                iteration_id=iteration_id,
+                model_id=model_id,
+                selector=selector,
+                params_json=json.dumps(params, default=str),
+                candidate_ids=np.asarray(candidate_ids, dtype="<i8").tobytes(),
+                picked_ids=np.asarray(picked_ids, dtype="<i8").tobytes(),
+                scores=np.asarray(scores, dtype="<f8").tobytes(),
+                info_json=json.dumps(info, default=str) if info else None,
+            )
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def selection_for_iteration(self, iteration_id: int) -> dict[str, Any] | None:
+        with self.session() as s:
+            row = s.scalar(select(models.Selection).where(models.Selection.iteration_id == iteration_id))
+            if row is None:
+                return None
+            return {
+                "id": row.id,
+                "selector": row.selector,
+                "params": json.loads(row.params_json),
+                "candidate_ids": _ids(row.candidate_ids),
+                "picked_ids": _ids(row.picked_ids),
+                "scores": np.frombuffer(row.scores, dtype="<f8").copy(),
+                "info": json.loads(row.info_json) if row.info_json else {},
+            }
+
+    def selection_count(self, campaign_id: int) -> int:
+        with self.session() as s:
+            return s.scalar(
+                select(func.count())
+                .select_from(models.Selection)
+                .join(models.Iteration, models.Iteration.id == models.Selection.iteration_id)
+                .where(models.Iteration.campaign_id == campaign_id)
+            )
