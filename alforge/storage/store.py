@@ -160,11 +160,14 @@ class Store:
         iteration_id: int | None = None,
         parent_ids: Sequence[int | None] | None = None,
         provenance: Sequence[dict[str, Any] | None] | None = None,
+        completes_exploration: bool = False,
     ) -> list[int]:
         """Insert structures, deduplicated by canonical hash within the campaign.
 
         Returns one id per input, in order; a duplicate (of a stored structure or of an earlier
-        input) maps to the existing id and its provenance is left as first recorded.
+        input) maps to the existing id and its provenance is left as first recorded. With
+        ``completes_exploration`` the iteration is marked explored in the same transaction, so an
+        exploration is either wholly stored or not at all.
         """
         ids: list[int] = []
         with self.session() as s, s.begin():
@@ -197,6 +200,12 @@ class Store:
                 s.flush()
                 known[h] = row.id
                 ids.append(row.id)
+            if completes_exploration:
+                if iteration_id is None:
+                    raise ValueError("completes_exploration needs an iteration_id")
+                s.execute(
+                    update(models.Iteration).where(models.Iteration.id == iteration_id).values(explored=True)
+                )
         return ids
 
     def get_atoms(self, ids: Sequence[int]) -> list[Atoms]:
@@ -233,10 +242,6 @@ class Store:
             q = q.where(models.Structure.quarantined.is_(False))
         with self.session() as s:
             return list(s.scalars(q.order_by(models.Structure.id)))
-
-    def mark_explored(self, iteration_id: int) -> None:
-        with self.session() as s, s.begin():
-            s.execute(update(models.Iteration).where(models.Iteration.id == iteration_id).values(explored=True))
 
     def quarantine(self, structure_ids: Iterable[int]) -> None:
         with self.session() as s, s.begin():
@@ -276,23 +281,21 @@ class Store:
                     ],
                 )
 
-    def unfinished_labels(self, campaign_id: int) -> list[tuple[int, int]]:
+    def unfinished_labels(self, campaign_id: int, calculator: str | None = None) -> list[tuple[int, int]]:
         """``(label_id, structure_id)`` of labels not yet done or failed.
 
         A label left ``running`` by a killed process never finished, so it is returned too and
         will be computed (for the first time to completion) by the next run.
         """
+        q = (
+            select(models.Label.id, models.Label.structure_id)
+            .join(models.Structure, models.Structure.id == models.Label.structure_id)
+            .where(models.Structure.campaign_id == campaign_id, models.Label.status.in_(("pending", "running")))
+        )
+        if calculator is not None:
+            q = q.where(models.Label.calculator == calculator)
         with self.session() as s:
-            rows = s.execute(
-                select(models.Label.id, models.Label.structure_id)
-                .join(models.Structure, models.Structure.id == models.Label.structure_id)
-                .where(
-                    models.Structure.campaign_id == campaign_id,
-                    models.Label.status.in_(("pending", "running")),
-                )
-                .order_by(models.Label.id)
-            )
-            return [(r[0], r[1]) for r in rows]
+            return [(r[0], r[1]) for r in s.execute(q.order_by(models.Label.id))]
 
     def start_label(self, label_id: int) -> bool:
         """Mark a label running; False if it already finished (so it must not be recomputed)."""

@@ -1,0 +1,198 @@
+"""``alforge`` command line: parses arguments and calls flows or reads the store, nothing more.
+
+    alforge run CAMPAIGN.yaml
+    alforge status   [--config CAMPAIGN.yaml | --store URL] [--campaign NAME]
+    alforge export   [--config ... | --store ...] --campaign NAME --out train.extxyz [--model FILE] [--test]
+    alforge import   FILE [--config ... | --store ...] --campaign NAME [--energy-key ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+
+def _prefect_defaults() -> None:
+    # Before Prefect is imported: no telemetry lookups (the machine may be offline).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _store_url(args: argparse.Namespace) -> str:
+    if args.store:
+        return args.store
+    if args.config:
+        from alforge.config import load_config
+
+        return str(load_config(args.config).store)
+    env = os.environ.get("ALFORGE_STORE")
+    if env:
+        return env
+    raise SystemExit("alforge: name the store with --config CAMPAIGN.yaml, --store URL or $ALFORGE_STORE")
+
+
+def _campaign_name(args: argparse.Namespace, required: bool) -> str | None:
+    if args.campaign:
+        return args.campaign
+    if args.config:
+        from alforge.config import load_config
+
+        return load_config(args.config).name
+    if required:
+        raise SystemExit("alforge: give --campaign NAME (or --config CAMPAIGN.yaml)")
+    return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from alforge.config import load_config
+
+    load_config(args.config_file)  # fail on a bad file before Prefect starts
+    _prefect_defaults()
+    from alforge.flows.campaign import campaign
+
+    result = campaign(str(Path(args.config_file).resolve()))
+    print(f"campaign {result['campaign']!r} finished: {result['stop_reason']}")
+    return 0
+
+
+def _fmt(value: object, scale: float = 1000.0) -> str:
+    return f"{value * scale:.1f}" if isinstance(value, (int, float)) else "-"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from alforge.storage import Store
+
+    store = Store(_store_url(args))
+    name = _campaign_name(args, required=False)
+    campaigns = [c for c in store.campaigns() if name is None or c.name == name]
+    if not campaigns:
+        print(f"no campaign{' named ' + repr(name) if name else 's'} in {store.url}")
+        return 1 if name else 0
+    for c in campaigns:
+        counts = store.label_counts(c.id)
+        n_struct = {r: len(store.structure_ids(c.id, role=r)) for r in ("seed", "candidate", "test")}
+        print(f"campaign {c.name}  [{c.status}]{'  ' + c.status_message if c.status_message else ''}")
+        print(
+            f"  structures: {n_struct['seed']} seed, {n_struct['candidate']} candidate, {n_struct['test']} test"
+            f" | labels: {counts.get('done', 0)} done, {counts.get('failed', 0)} failed,"
+            f" {counts.get('pending', 0) + counts.get('running', 0)} pending"
+            f" | features: {store.feature_count(c.id)} | selections: {store.selection_count(c.id)}"
+        )
+        models = {m.iteration_index: m for m in store.models(c.id)}
+        print("  iter  candidates  selected  n_train  F-RMSE train/valid/test (meV/Å)  E-RMSE test (meV/atom)  stop")
+        for it in store.iterations(c.id):
+            m = models.get(it.index)
+            sel = store.selection_for_iteration(it.id)
+            mt = m.metrics if m else {}
+            print(
+                f"  {it.index:>4}  {len(store.structure_ids(c.id, role='candidate', iteration_id=it.id)):>10}"
+                f"  {len(sel['picked_ids']) if sel else 0:>8}  {mt.get('n_train', '-'):>7}"
+                f"  {_fmt(mt.get('train_forces_rmse')):>9} / {_fmt(mt.get('valid_forces_rmse'))} /"
+                f" {_fmt(mt.get('test_forces_rmse'))}"
+                f"  {_fmt(mt.get('test_energy_rmse_per_atom')):>22}  {it.stop_reason or ''}"
+            )
+        if models:
+            latest = models[max(models)]
+            print(f"  latest model: {latest.path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import ase.io
+
+    from alforge.storage import Store
+
+    store = Store(_store_url(args))
+    name = _campaign_name(args, required=True)
+    cid = store.campaign_id(name)
+    roles = ("seed", "candidate", "test") if args.test else ("seed", "candidate")
+    ids = [i for r in roles for i in store.labelled_ids(cid, role=r)]
+    atoms = store.get_labelled_atoms(ids)
+    for a in atoms:
+        a.info.pop("label_calculator", None)
+    ase.io.write(args.out, atoms, format="extxyz")
+    print(f"wrote {len(atoms)} labelled structures of {name!r} to {args.out}")
+    if args.model:
+        models = store.models(cid)
+        if not models:
+            raise SystemExit(f"alforge: campaign {name!r} has no model yet")
+        shutil.copyfile(models[-1].path, args.model)
+        print(f"copied model of iteration {models[-1].iteration_index} to {args.model}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from alforge.config import StructureSource
+
+    source = StructureSource(
+        file=Path(args.file).resolve(),
+        index=args.index,
+        format=args.format,
+        energy_key=args.energy_key,
+        forces_key=args.forces_key,
+        stress_key=args.stress_key,
+    )
+    if not source.file.exists():
+        raise SystemExit(f"alforge: {source.file}: no such file")
+    url = _store_url(args)
+    name = _campaign_name(args, required=True)
+    _prefect_defaults()
+    from alforge.flows.importing import import_dataset
+
+    import_dataset(url, name, source, role=args.role)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run or resume a campaign")
+    p.add_argument("config_file")
+    p.set_defaults(func=cmd_run)
+
+    def store_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="campaign file (its store and name are used)")
+        p.add_argument("--store", help="SQLAlchemy URL of the store")
+        p.add_argument("--campaign", help="campaign name")
+
+    p = sub.add_parser("status", help="campaigns, iterations, counts and errors")
+    store_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("export", help="write the labelled set as extxyz (and copy the latest model)")
+    store_args(p)
+    p.add_argument("--out", required=True, help="output file (extxyz)")
+    p.add_argument("--model", help="copy the latest model file here")
+    p.add_argument("--test", action="store_true", help="include the labelled test set")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="load a labelled dataset as seeds")
+    p.add_argument("file")
+    store_args(p)
+    p.add_argument("--index", default=":")
+    p.add_argument("--format", default=None)
+    p.add_argument("--energy-key", default="energy")
+    p.add_argument("--forces-key", default="forces")
+    p.add_argument("--stress-key", default="stress")
+    p.add_argument("--role", choices=("seed", "test"), default="seed")
+    p.set_defaults(func=cmd_import)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from alforge.config import ConfigError
+    from alforge.sources import SourceError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, SourceError, KeyError) as exc:
+        print(f"alforge: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

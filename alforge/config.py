@@ -1,0 +1,192 @@
+"""The campaign file: YAML validated with pydantic before any work starts.
+
+Every error names the file, the dotted field path and what was expected, e.g.
+``campaign.yaml: selector.batch_size: Input should be greater than 0 (got -3)``.
+Relative paths are resolved against the campaign file's folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from alforge.mlip.params import MACEParams
+
+
+class ConfigError(ValueError):
+    """A campaign file that cannot be used; the message names the file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerateSpec(_Strict):
+    """Structures generated from an ASE bulk crystal: supercells, randomly strained and rattled."""
+
+    element: str
+    crystal: str = "fcc"
+    a: float | None = Field(None, gt=0, description="lattice constant in Å (ASE's default if omitted)")
+    cubic: bool = True
+    supercells: list[tuple[int, int, int]] = [(1, 1, 1)]
+    count: int = Field(10, ge=1)
+    rattle: float = Field(0.05, ge=0, description="Gaussian σ of atomic displacements, Å")
+    strain: float = Field(0.02, ge=0, description="max |ε| of a random symmetric strain")
+    vacancies: int = Field(0, ge=0, description="atoms removed at random from each structure")
+    seed: int = 0
+
+    @field_validator("element")
+    @classmethod
+    def _known_element(cls, v: str) -> str:
+        from ase.data import atomic_numbers
+
+        if v not in atomic_numbers:
+            raise ValueError(f"unknown chemical symbol {v!r}")
+        return v
+
+
+class StructureSource(_Strict):
+    """Either ``file`` (anything ``ase.io.read`` takes) or ``generate``."""
+
+    file: Path | None = None
+    index: str = ":"
+    format: str | None = None
+    energy_key: str = "energy"
+    forces_key: str = "forces"
+    stress_key: str = "stress"
+    generate: GenerateSpec | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StructureSource":
+        if (self.file is None) == (self.generate is None):
+            raise ValueError("give exactly one of 'file' or 'generate'")
+        return self
+
+
+class ExplorationConfig(_Strict):
+    """Langevin MD with the current model (METHODS: candidates come from the model's own dynamics)."""
+
+    walkers: int = Field(4, ge=1)
+    temperatures: list[float] = Field([300.0, 800.0], min_length=1)
+    timestep_fs: float = Field(2.0, gt=0)
+    steps: int = Field(200, ge=1)
+    frame_interval: int = Field(10, ge=1)
+    friction_per_fs: float = Field(0.01, gt=0)
+    min_distance: float = Field(1.5, gt=0, description="stop a trajectory when two atoms come closer (Å)")
+    max_energy_change: float = Field(
+        1.0, gt=0, description="stop when |E - E_start| per atom exceeds this (eV/atom): exploding dynamics"
+    )
+
+    @field_validator("temperatures")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(t <= 0 for t in v):
+            raise ValueError(f"temperatures must be > 0 K, got {v}")
+        return v
+
+
+class SelectorConfig(_Strict):
+    name: str = "mig"
+    params: dict[str, Any] = {}
+    batch_size: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "SelectorConfig":
+        from alforge.selectors import make_selector
+
+        make_selector(self.name, **self.params)  # raises ValueError naming the selector
+        return self
+
+
+class LabellerConfig(_Strict):
+    """A registered labeller name or a ``module:factory`` returning an ASE calculator."""
+
+    name: str = "emt"
+    kwargs: dict[str, Any] = {}
+    max_force: float | None = Field(None, gt=0, description="|F| above this (eV/Å) is an implausible label")
+
+    @field_validator("name")
+    @classmethod
+    def _resolvable(cls, v: str) -> str:
+        from alforge.labelling.ase_calculator import resolve_factory
+
+        resolve_factory(v)
+        return v
+
+
+class StoppingConfig(_Strict):
+    max_iterations: int = Field(3, ge=1, description="models trained; labelling happens between them")
+    label_budget: int | None = Field(None, ge=1, description="labels of selected candidates, all iterations")
+    target_forces_rmse: float | None = Field(None, gt=0, description="stop once the test force RMSE (eV/Å) is below")
+    min_informative: int = Field(1, ge=0, description="stop when fewer candidates than this score >= min_score")
+    min_score: float = 0.0
+
+
+class CampaignConfig(_Strict):
+    name: str
+    store: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file beside the campaign file")
+    workdir: Path | None = Field(None, description="models and scratch; default: runs/<name> beside the file")
+    seed: int = 0
+    seeds: list[StructureSource] = Field(min_length=1)
+    test: list[StructureSource] = []
+    mlip: MACEParams = MACEParams()
+    exploration: ExplorationConfig = ExplorationConfig()
+    selector: SelectorConfig = SelectorConfig()
+    labeller: LabellerConfig = LabellerConfig()
+    stopping: StoppingConfig = StoppingConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("name must be letters, digits, '_', '.', '-' (it names files)")
+        return v
+
+    def resolve_paths(self, base: Path) -> "CampaignConfig":
+        """Make file paths absolute against ``base`` and fill the store/workdir defaults."""
+        for src in [*self.seeds, *self.test]:
+            if src.file is not None and not src.file.is_absolute():
+                src.file = (base / src.file).resolve()
+        self.workdir = (base / (self.workdir or Path("runs") / self.name)).resolve()
+        if self.store is None:
+            self.store = f"sqlite:///{(base / f'{self.name}.db').resolve()}"
+        return self
+
+
+def _format_errors(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid campaign file ({exc.error_count()} problem(s)):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {loc}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: Any, path: Path) -> CampaignConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of campaign settings at the top level")
+    try:
+        cfg = CampaignConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(path, exc)) from None
+    cfg.resolve_paths(path.parent)
+    missing = [str(s.file) for s in [*cfg.seeds, *cfg.test] if s.file is not None and not s.file.exists()]
+    if missing:
+        raise ConfigError(f"{path}: seeds/test file(s) not found: {', '.join(missing)}")
+    return cfg
+
+
+def load_config(path: str | Path) -> CampaignConfig:
+    path = Path(path).resolve()
+    if not path.exists():
+        raise ConfigError(f"{path}: campaign file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(raw, path)

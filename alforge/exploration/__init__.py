@@ -1,0 +1,1 @@
+"""Exploration: run dynamics with the current model to find candidate structures."""

@@ -1,0 +1,107 @@
+"""The campaign flow: seeds → (train → evaluate → explore → featurize → select → label)ⁿ.
+
+Iteration k trains model k on every finished training label; labelling happens between models,
+so ``stopping.max_iterations`` models are trained. Every task is idempotent against the store,
+so running the flow again on the same campaign resumes where a crash left it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from alforge.config import CampaignConfig, LabellerConfig, load_config
+from alforge.flows.stopping import remaining_budget, stop_reason
+from alforge.tasks.common import open_store
+from alforge.tasks.explore import explore
+from alforge.tasks.featurize import featurize
+from alforge.tasks.ingest import ingest_sources
+from alforge.tasks.label import label_structure, labeller_identity
+from alforge.tasks.select import select_batch
+from alforge.tasks.train import evaluate_model, train_model
+
+
+@flow(name="label-batch", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def label_batch(store_url: str, campaign_id: int, cfg: LabellerConfig) -> dict[str, int]:
+    """Run every unfinished label of the campaign; returns counts by outcome."""
+    todo = open_store(store_url).unfinished_labels(campaign_id)
+    futures = [label_structure.submit(store_url, lid, sid, cfg) for lid, sid in todo]
+    wait(futures)
+    counts: dict[str, int] = {}
+    for fut in futures:
+        status = fut.result()
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+@task(name="summarise", cache_policy=NO_CACHE)
+def summarise(store_url: str, campaign_id: int, iteration_id: int, metrics: dict, selected: int, reason: str | None) -> dict:
+    store = open_store(store_url)
+    counts = store.label_counts(campaign_id)
+    summary = {
+        "labels_done": counts.get("done", 0),
+        "labels_failed": counts.get("failed", 0),
+        "train_forces_rmse": metrics.get("train_forces_rmse"),
+        "test_forces_rmse": metrics.get("test_forces_rmse"),
+        "test_energy_rmse_per_atom": metrics.get("test_energy_rmse_per_atom"),
+        "selected": selected,
+    }
+    store.finish_iteration(iteration_id, summary, reason)
+    return summary
+
+
+def _fmt(x: float | None, unit: str) -> str:
+    return "n/a" if x is None else f"{x * 1000:.1f} m{unit}"
+
+
+@flow(name="campaign", log_prints=True)
+def campaign(config_path: str) -> dict[str, Any]:
+    """Run (or resume) the campaign described by ``config_path``."""
+    cfg: CampaignConfig = load_config(config_path)
+    url = str(cfg.store)
+    store = open_store(url)
+    cid = store.get_or_create_campaign(cfg.name, cfg.model_dump(mode="json"))
+    store.set_campaign_status(cid, "running")
+    calculator, params_hash = labeller_identity(cfg.labeller)
+    ingest_sources(url, cid, cfg.seeds, "seed", calculator, params_hash)
+    if cfg.test:
+        ingest_sources(url, cid, cfg.test, "test", calculator, params_hash)
+    labeller_cfg = cfg.labeller
+    label_batch(url, cid, labeller_cfg)
+
+    last_selection: dict | None = None
+    reason: str | None = None
+    summaries = []
+    for k in range(1, cfg.stopping.max_iterations + 1):
+        iteration_id = store.get_or_create_iteration(cid, k)
+        model_id = train_model(url, cid, iteration_id, cfg.mlip, str(cfg.workdir))
+        metrics = evaluate_model(url, cid, model_id)
+        selected_so_far = len(store.labelled_ids(cid, role="candidate"))
+        reason = stop_reason(cfg.stopping, metrics, selected_so_far, last_selection)
+        if reason is None and k == cfg.stopping.max_iterations:
+            reason = f"reached max_iterations = {k}"
+        selected = 0
+        if reason is None:
+            candidates = explore(url, cid, iteration_id, model_id, cfg.exploration, cfg.seed)
+            featurize(url, model_id, candidates, with_training_set=True)
+            budget = remaining_budget(cfg.stopping, cfg.selector.batch_size, selected_so_far)
+            selector_cfg = cfg.selector.model_copy(update={"batch_size": budget})
+            last_selection = select_batch(url, cid, iteration_id, model_id, selector_cfg, calculator, params_hash)
+            selected = len(last_selection["picked"])
+            label_batch(url, cid, labeller_cfg)
+        summary = summarise(url, cid, iteration_id, metrics, selected, reason)
+        summaries.append(summary)
+        print(
+            f"iteration {k}: labels {summary['labels_done']} done / {summary['labels_failed']} failed, "
+            f"force RMSE train {_fmt(summary['train_forces_rmse'], 'eV/Å')} "
+            f"test {_fmt(summary['test_forces_rmse'], 'eV/Å')}, selected {selected}"
+            + (f" — stopping: {reason}" if reason else "")
+        )
+        if reason:
+            break
+    store.set_campaign_status(cid, "finished", reason)
+    return {"campaign": cfg.name, "iterations": summaries, "stop_reason": reason}

@@ -1,0 +1,59 @@
+"""Run MD walkers with the iteration's model and store their frames as candidates."""
+
+from __future__ import annotations
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from alforge.config import ExplorationConfig
+from alforge.exploration.md import MDSettings, run_walker
+from alforge.tasks.common import open_store
+
+
+@task(name="explore", tags=["explore"], cache_policy=NO_CACHE)
+def explore(
+    store_url: str, campaign_id: int, iteration_id: int, model_id: int, cfg: ExplorationConfig, seed: int
+) -> list[int]:
+    """Candidate structure ids of this iteration (the stored ones if it was already explored)."""
+    from alforge.mlip.mace_model import load_calculator
+
+    store = open_store(store_url)
+    iteration = store.iteration(iteration_id)
+    if iteration.explored:
+        return store.structure_ids(campaign_id, role="candidate", iteration_id=iteration_id)
+    model = store.model(model_id)
+    rng = np.random.default_rng([seed, iteration.index])
+    starts = [int(i) for i in rng.choice(model.train_ids, size=cfg.walkers, replace=len(model.train_ids) < cfg.walkers)]
+    start_atoms = store.get_atoms(starts)
+    calc = load_calculator(model.path)
+    logger = get_run_logger()
+    frames, parents, provenance = [], [], []
+    for walker, (start_id, atoms) in enumerate(zip(starts, start_atoms)):
+        temperature = cfg.temperatures[walker % len(cfg.temperatures)]
+        settings = MDSettings(
+            temperature_K=temperature,
+            timestep_fs=cfg.timestep_fs,
+            steps=cfg.steps,
+            frame_interval=cfg.frame_interval,
+            friction_per_fs=cfg.friction_per_fs,
+            min_distance=cfg.min_distance,
+            max_energy_change=cfg.max_energy_change,
+        )
+        atoms.info.clear()
+        walker_seed = int(rng.integers(2**31))
+        traj = run_walker(atoms, calc, settings, walker_seed, {"walker": walker, "model_id": model_id})
+        logger.info(
+            "walker %d (T=%g K, from structure %d): %d steps, %d frames%s",
+            walker, temperature, start_id, traj.steps_run, len(traj.frames),
+            f", stopped: {traj.stop_reason}" if traj.stop_reason else "",
+        )
+        for frame in traj.frames:
+            frames.append(frame)
+            parents.append(start_id)
+            provenance.append({k: frame.info[k] for k in ("walker", "md_step", "temperature_K", "model_id")})
+    return store.add_structures(
+        campaign_id, frames, role="candidate", source="md", iteration_id=iteration_id,
+        parent_ids=parents, provenance=provenance, completes_exploration=True,
+    )

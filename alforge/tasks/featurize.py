@@ -1,0 +1,50 @@
+"""Compute and store per-atom features of structures under one model (METHODS §1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from alforge.tasks.common import open_store
+
+LAST_LAYER = "last_layer"
+INVARIANT = "invariant"
+CHUNK = 256  # structures per compute-and-store round: bounded memory, steady progress in the store
+
+
+@task(name="featurize", tags=["featurize"], cache_policy=NO_CACHE)
+def featurize(store_url: str, model_id: int, structure_ids: list[int], with_training_set: bool = False) -> int:
+    """Store last-layer (float64) and invariant (float32) features for those missing them, and for
+    the model's own training set too if asked (selectors build ``H`` from it); returns how many
+    structures were computed."""
+    from alforge.mlip.features import compute_features
+
+    store = open_store(store_url)
+    model = store.model(model_id)
+    wanted = list(structure_ids) + ([int(i) for i in model.train_ids] if with_training_set else [])
+    todo = store.missing_features(model_id, LAST_LAYER, list(dict.fromkeys(wanted)))
+    path = Path(model.path)
+    for start in range(0, len(todo), CHUNK):
+        ids = todo[start : start + CHUNK]
+        feats = compute_features(path, store.get_atoms(ids))
+        store.put_features(model_id, LAST_LAYER, {i: f.last_layer for i, f in zip(ids, feats)}, dtype="<f8")
+        store.put_features(model_id, INVARIANT, {i: f.invariant for i, f in zip(ids, feats)}, dtype="<f4")
+    return len(todo)
+
+
+def structure_features(store_url: str, model_id: int, structure_ids: list[int]) -> np.ndarray:
+    """``f_s = Σ_j f_j``: the structure-level last-layer features (METHODS §1), (n, d)."""
+    per_atom = open_store(store_url).get_features(model_id, LAST_LAYER, structure_ids)
+    return np.stack([f.sum(axis=0) for f in per_atom]) if per_atom else np.empty((0, 0))
+
+
+def atom_features(store_url: str, model_id: int, structure_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-atom last-layer rows and, for each row, the position of its structure in ``structure_ids``."""
+    per_atom = open_store(store_url).get_features(model_id, LAST_LAYER, structure_ids)
+    if not per_atom:
+        return np.empty((0, 0)), np.empty(0, dtype=np.int64)
+    groups = np.concatenate([np.full(len(f), k, dtype=np.int64) for k, f in enumerate(per_atom)])
+    return np.concatenate(per_atom), groups

@@ -1,0 +1,62 @@
+"""Pick the iteration's batch with the configured selector and request labels for it.
+
+This is the thin adapter between the store and the array-only selectors: it assembles feature
+matrices (structure-level ``f_s`` or per-atom rows with groups, by the selector's ``level``),
+calls ``select`` and records the result verbatim (selector, parameters, ids, scores).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from alforge.config import SelectorConfig
+from alforge.selectors import make_selector
+from alforge.tasks.common import open_store
+from alforge.tasks.featurize import atom_features, structure_features
+
+
+@task(name="select", tags=["select"], cache_policy=NO_CACHE)
+def select_batch(
+    store_url: str,
+    campaign_id: int,
+    iteration_id: int,
+    model_id: int,
+    cfg: SelectorConfig,
+    calculator: str,
+    params_hash: str,
+) -> dict:
+    """``{'picked': ids, 'scores': [...]}`` of this iteration; reuses a stored selection."""
+    store = open_store(store_url)
+    stored = store.selection_for_iteration(iteration_id)
+    if stored is None:
+        labelled = set(store.labelled_ids(campaign_id))
+        candidates = [
+            i
+            for i in store.structure_ids(campaign_id, role="candidate", iteration_id=iteration_id, include_quarantined=False)
+            if i not in labelled
+        ]
+        train_ids = [int(i) for i in store.model(model_id).train_ids]
+        selector = make_selector(cfg.name, **cfg.params)
+        if not candidates:
+            picked, scores, info = [], np.empty(0), {"reason": "no candidates"}
+        elif selector.level == "atom":
+            cand_rows, groups = atom_features(store_url, model_id, candidates)
+            train_rows, _ = atom_features(store_url, model_id, train_ids)
+            result = selector.select(cand_rows, cfg.batch_size, train=train_rows, groups=groups)
+            picked, scores, info = [candidates[g] for g in result.indices], result.scores, result.info
+        else:
+            result = selector.select(
+                structure_features(store_url, model_id, candidates),
+                cfg.batch_size,
+                train=structure_features(store_url, model_id, train_ids),
+            )
+            picked, scores, info = [candidates[i] for i in result.indices], result.scores, result.info
+        store.add_selection(
+            iteration_id, model_id, cfg.name, selector.get_params(), candidates, picked, scores, info
+        )
+        stored = store.selection_for_iteration(iteration_id)
+    picked = [int(i) for i in stored["picked_ids"]]
+    store.request_labels(picked, calculator, params_hash)  # idempotent: resumes a crash right here
+    return {"picked": picked, "scores": [float(s) for s in stored["scores"]], "n_candidates": len(stored["candidate_ids"])}
