@@ -15,7 +15,7 @@ import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.velocitydistribution import thermalize_momenta
 from ase.neighborlist import neighbor_list
 
 
@@ -65,7 +65,7 @@ def run_walker(
     atoms = start.copy()
     atoms.calc = calculator
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=settings.temperature_K, rng=rng)
+    thermalize_momenta(atoms, settings.temperature_K, rng=rng)
     dyn = Langevin(
         atoms,
         timestep=settings.timestep_fs * units.fs,
