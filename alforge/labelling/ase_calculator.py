@@ -14,7 +14,15 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
-from alforge.labelling.base import FailureClass, Label, LabelFailure, Labeller, check_label, params_hash
+from alforge.labelling.base import (
+    FailureClass,
+    Label,
+    LabelFailure,
+    Labeller,
+    check_label,
+    params_hash,
+    provenance_metadata,
+)
 
 
 def _emt(**kwargs: Any) -> Calculator:
@@ -83,14 +91,19 @@ class ASECalculatorLabeller(Labeller):
         work.calc = self._calc
         start = time.perf_counter()
         try:
-            energy = float(work.get_potential_energy())
-            forces = np.array(work.get_forces(), dtype=float)
-            stress = None
-            if work.pbc.all() and "stress" in getattr(self._calc, "implemented_properties", ()):
-                stress = np.array(work.get_stress(voigt=False), dtype=float)
-        except LabelFailure:
+            try:
+                energy = float(work.get_potential_energy())
+                forces = np.array(work.get_forces(), dtype=float)
+                stress = None
+                if work.pbc.all() and "stress" in getattr(self._calc, "implemented_properties", ()):
+                    stress = np.array(work.get_stress(voigt=False), dtype=float)
+            except LabelFailure:
+                raise
+            except Exception as exc:  # a calculator failure is data, not a crash
+                raise LabelFailure(FailureClass.CRASH, f"{self.spec}: {type(exc).__name__}: {exc}") from exc
+            label = Label(energy, forces, stress, provenance_metadata(self.provenance(), time.perf_counter() - start))
+            return check_label(label, len(atoms), self.max_force)
+        except LabelFailure as failure:
+            failure.metadata = {**provenance_metadata(self.provenance(), time.perf_counter() - start),
+                                **failure.metadata}
             raise
-        except Exception as exc:  # a calculator failure is data, not a crash
-            raise LabelFailure(FailureClass.CRASH, f"{type(exc).__name__}: {exc}") from exc
-        label = Label(energy, forces, stress, {"wall_time": time.perf_counter() - start})
-        return check_label(label, len(atoms), self.max_force)

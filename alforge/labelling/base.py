@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -31,11 +32,20 @@ class FailureClass(str, Enum):
 class LabelFailure(Exception):
     """Raised by :meth:`Labeller.label` when no trustworthy label could be produced."""
 
-    def __init__(self, failure_class: FailureClass, message: str, output_tail: str = "") -> None:
+    def __init__(
+        self,
+        failure_class: FailureClass,
+        message: str,
+        output_tail: str = "",
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.failure_class = FailureClass(failure_class)
         self.message = message
         self.output_tail = output_tail
+        #: Provenance of the failed attempt (code, version, params hash, wall time, host, kept
+        #: scratch directory) so a failure is as traceable in the store as a label.
+        self.metadata: dict[str, Any] = dict(metadata or {})
 
 
 @dataclass
@@ -52,6 +62,22 @@ def params_hash(params: dict[str, Any]) -> str:
     """A stable short hash of JSON-serialisable calculator parameters (provenance, not security)."""
     blob = json.dumps(params, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def provenance_metadata(provenance: dict[str, Any], wall_time: float) -> dict[str, Any]:
+    """What every stored label (and failure) carries: code, version, params hash, wall time, host.
+
+    The host matters because the same input can give different timings, and occasionally different
+    numbers, on different machines or builds; it is how a suspicious label is traced to where it ran.
+    """
+    return {
+        "code": provenance.get("code", ""),
+        "version": provenance.get("version", ""),
+        "params_hash": provenance.get("params_hash", ""),
+        "wall_time": float(wall_time),
+        "host": socket.gethostname(),
+        **{k: v for k, v in provenance.items() if k not in {"code", "version", "params_hash"}},
+    }
 
 
 def check_label(label: Label, n_atoms: int, max_force: float | None = None) -> Label:
