@@ -1,6 +1,6 @@
 """``alforge`` command line: parses arguments and calls flows or reads the store, nothing more.
 
-    alforge run CAMPAIGN.yaml
+    alforge run CAMPAIGN.yaml            (exit status 3: paused by the labelling failure budget)
     alforge status   [--config CAMPAIGN.yaml | --store URL] [--campaign NAME]
     alforge export   [--config ... | --store ...] --campaign NAME --out train.extxyz [--model FILE] [--test]
     alforge import   FILE [--config ... | --store ...] --campaign NAME [--energy-key ...]
@@ -53,6 +53,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from alforge.flows.campaign import campaign
 
     result = campaign(str(Path(args.config_file).resolve()))
+    if result["paused"]:
+        print(f"campaign {result['campaign']!r} is paused: {result['stop_reason']}", file=sys.stderr)
+        return 3
     print(f"campaign {result['campaign']!r} finished: {result['stop_reason']}")
     return 0
 
@@ -80,6 +83,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f" {counts.get('pending', 0) + counts.get('running', 0)} pending"
             f" | features: {store.feature_count(c.id)} | selections: {store.selection_count(c.id)}"
         )
+        failures = store.failure_counts(c.id)
+        quarantined = store.quarantined_ids(c.id)
+        if failures or quarantined:
+            by_class = ", ".join(f"{n} {cls}" for cls, n in sorted(failures.items()))
+            print(f"  failures: {by_class or 'none'} | quarantined structures: {len(quarantined)}")
         models = {m.iteration_index: m for m in store.models(c.id)}
         print("  iter  candidates  selected  n_train  F-RMSE train/valid/test (meV/Å)  E-RMSE test (meV/atom)  stop")
         for it in store.iterations(c.id):

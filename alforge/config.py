@@ -103,19 +103,57 @@ class SelectorConfig(_Strict):
 
 
 class LabellerConfig(_Strict):
-    """A registered labeller name or a ``module:factory`` returning an ASE calculator."""
+    """Who labels, how many jobs at once, and what a failure costs (see alforge/labelling/policy.py)."""
 
-    name: str = "emt"
+    name: str = Field("emt", description="a registered labeller or a 'module:factory' returning an ASE calculator")
     kwargs: dict[str, Any] = {}
     max_force: float | None = Field(None, gt=0, description="|F| above this (eV/Å) is an implausible label")
+    concurrency: int = Field(1, ge=1, description="labelling jobs run at the same time")
+    retries: dict[str, int] = Field({}, description="per failure class, overrides the default retry counts")
+    quarantine_after: int = Field(3, ge=1, description="failed attempts after which a structure is never offered again")
+    max_failed: int | None = Field(None, ge=0, description="pause the campaign once more labels than this failed")
+    max_failed_fraction: float | None = Field(
+        0.5, gt=0, le=1, description="pause once this fraction of finished labels failed (checked from 10 on)"
+    )
 
     @field_validator("name")
     @classmethod
-    def _resolvable(cls, v: str) -> str:
+    def _known(cls, v: str) -> str:
         from alforge.labelling.ase_calculator import resolve_factory
+        from alforge.labelling.registry import LABELLERS
 
-        resolve_factory(v)
+        if v not in LABELLERS:
+            resolve_factory(v)  # raises ValueError naming v (built-in ASE names or module:factory)
         return v
+
+    @field_validator("retries")
+    @classmethod
+    def _failure_classes(cls, v: dict[str, int]) -> dict[str, int]:
+        from alforge.labelling.base import FailureClass
+
+        known = {f.value for f in FailureClass}
+        bad = sorted(set(v) - known)
+        if bad:
+            raise ValueError(f"unknown failure class(es) {bad}; expected some of {sorted(known)}")
+        if any(n < 0 for n in v.values()):
+            raise ValueError("retry counts must be >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "LabellerConfig":
+        from alforge.labelling.registry import make_labeller
+
+        try:
+            make_labeller(self.name, **self.labeller_kwargs())
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"labeller {self.name!r} cannot be built from its kwargs: {exc}") from None
+        return self
+
+    def labeller_kwargs(self) -> dict[str, Any]:
+        kwargs = dict(self.kwargs)
+        if self.max_force is not None:
+            kwargs.setdefault("max_force", self.max_force)
+        return kwargs
 
 
 class StoppingConfig(_Strict):

@@ -7,6 +7,7 @@ so running the flow again on the same campaign resumes where a crash left it.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prefect import flow, task
@@ -15,27 +16,41 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from alforge.config import CampaignConfig, LabellerConfig, load_config
-from alforge.flows.stopping import remaining_budget, stop_reason
+from alforge.flows.stopping import failure_budget_reason, remaining_budget, stop_reason
 from alforge.tasks.common import open_store
 from alforge.tasks.explore import explore
 from alforge.tasks.featurize import featurize
 from alforge.tasks.ingest import ingest_sources
-from alforge.tasks.label import label_structure, labeller_identity
+from alforge.tasks.label import label_outcomes, label_structure, labeller_identity
 from alforge.tasks.select import select_batch
 from alforge.tasks.train import evaluate_model, train_model
 
 
-@flow(name="label-batch", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def label_batch(store_url: str, campaign_id: int, cfg: LabellerConfig) -> dict[str, int]:
-    """Run every unfinished label of the campaign; returns counts by outcome."""
+@flow(name="label-batch")
+def label_batch(store_url: str, campaign_id: int, cfg: LabellerConfig) -> str | None:
+    """Run every unfinished label of the campaign, ``labeller.concurrency`` at a time; returns why
+    the campaign must pause (failure budget exceeded), or None."""
     todo = open_store(store_url).unfinished_labels(campaign_id)
     futures = [label_structure.submit(store_url, lid, sid, cfg) for lid, sid in todo]
     wait(futures)
-    counts: dict[str, int] = {}
+    outcomes: dict[str, int] = {}
     for fut in futures:
         status = fut.result()
-        counts[status] = counts.get(status, 0) + 1
-    return counts
+        outcomes[status] = outcomes.get(status, 0) + 1
+    if outcomes:
+        print(f"labelled {len(futures)}: " + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())))
+    return failure_budget_reason(cfg, label_outcomes(store_url, campaign_id))
+
+
+def _label(url: str, cid: int, cfg: LabellerConfig) -> str | None:
+    runner = ThreadPoolTaskRunner(max_workers=cfg.concurrency)
+    return label_batch.with_options(task_runner=runner)(url, cid, cfg)
+
+
+def _pause(url: str, cid: int, name: str, reason: str) -> dict[str, Any]:
+    open_store(url).set_campaign_status(cid, "paused", reason)
+    print(f"campaign {name!r} paused: {reason}")
+    return {"campaign": name, "iterations": [], "stop_reason": reason, "paused": True}
 
 
 @task(name="summarise", cache_policy=NO_CACHE)
@@ -62,6 +77,8 @@ def _fmt(x: float | None, unit: str) -> str:
 def campaign(config_path: str) -> dict[str, Any]:
     """Run (or resume) the campaign described by ``config_path``."""
     cfg: CampaignConfig = load_config(config_path)
+    # Scratch directories of external codes go beside the campaign unless the user chose a place.
+    os.environ.setdefault("ALFORGE_SCRATCH", str(cfg.workdir / "scratch"))
     url = str(cfg.store)
     store = open_store(url)
     cid = store.get_or_create_campaign(cfg.name, cfg.model_dump(mode="json"))
@@ -71,7 +88,8 @@ def campaign(config_path: str) -> dict[str, Any]:
     if cfg.test:
         ingest_sources(url, cid, cfg.test, "test", calculator, params_hash)
     labeller_cfg = cfg.labeller
-    label_batch(url, cid, labeller_cfg)
+    if reason := _label(url, cid, labeller_cfg):
+        return _pause(url, cid, cfg.name, reason)
 
     last_selection: dict | None = None
     reason: str | None = None
@@ -92,7 +110,8 @@ def campaign(config_path: str) -> dict[str, Any]:
             selector_cfg = cfg.selector.model_copy(update={"batch_size": budget})
             last_selection = select_batch(url, cid, iteration_id, model_id, selector_cfg, calculator, params_hash)
             selected = len(last_selection["picked"])
-            label_batch(url, cid, labeller_cfg)
+            if pause := _label(url, cid, labeller_cfg):
+                return _pause(url, cid, cfg.name, pause)
         summary = summarise(url, cid, iteration_id, metrics, selected, reason)
         summaries.append(summary)
         print(
@@ -104,4 +123,4 @@ def campaign(config_path: str) -> dict[str, Any]:
         if reason:
             break
     store.set_campaign_status(cid, "finished", reason)
-    return {"campaign": cfg.name, "iterations": summaries, "stop_reason": reason}
+    return {"campaign": cfg.name, "iterations": summaries, "stop_reason": reason, "paused": False}

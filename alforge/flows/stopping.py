@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from alforge.config import StoppingConfig
+from alforge.config import LabellerConfig, StoppingConfig
 
 
 def stop_reason(
@@ -30,3 +30,27 @@ def remaining_budget(cfg: StoppingConfig, batch_size: int, labels_selected: int)
     if cfg.label_budget is None:
         return batch_size
     return max(0, min(batch_size, cfg.label_budget - labels_selected))
+
+
+#: finished labels needed before the failure *fraction* is judged (a 1-of-2 start says little)
+MIN_FINISHED_FOR_FRACTION = 10
+
+
+def failure_budget_reason(cfg: LabellerConfig, counts: dict[str, int]) -> str | None:
+    """Why the campaign must pause for a human, or None. Counts are labels by status."""
+    failed, done = counts.get("failed", 0), counts.get("done", 0)
+    if cfg.max_failed is not None and failed > cfg.max_failed:
+        return (
+            f"{failed} labels failed, more than labeller.max_failed = {cfg.max_failed}; "
+            "inspect them with `alforge status`, fix the labeller or raise the budget, then run again"
+        )
+    finished = failed + done
+    if cfg.max_failed_fraction is not None and finished >= MIN_FINISHED_FOR_FRACTION:
+        fraction = failed / finished
+        if fraction > cfg.max_failed_fraction:
+            return (
+                f"{failed} of {finished} labels failed ({fraction:.0%}), more than "
+                f"labeller.max_failed_fraction = {cfg.max_failed_fraction:g}; inspect them with "
+                "`alforge status`, fix the labeller or raise the budget, then run again"
+            )
+    return None

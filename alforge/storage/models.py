@@ -152,3 +152,25 @@ class Selection(Base):
     scores: Mapped[bytes] = mapped_column(LargeBinary)
     info_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LabelAttempt(Base):
+    """Every labelling attempt, kept forever: what ran, how it failed, what the policy decided."""
+
+    __tablename__ = "label_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    #: None for the attempt that succeeded
+    failure_class: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    output_tail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    wall_time: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: the labeller kwargs of this attempt (secrets only as unresolved "$env:NAME" references)
+    kwargs_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    metadata_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: retry | give_up | quarantine after a failure
+    decision: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    decision_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -243,28 +243,27 @@ class Store:
         with self.session() as s:
             return list(s.scalars(q.order_by(models.Structure.id)))
 
-    def quarantine(self, structure_ids: Iterable[int]) -> None:
-        with self.session() as s, s.begin():
-            s.execute(
-                update(models.Structure)
-                .where(models.Structure.id.in_(list(structure_ids)))
-                .values(quarantined=True)
-            )
-
     # ---------------------------------------------------------------- labels
-    def request_labels(self, structure_ids: Sequence[int], calculator: str, params_hash: str) -> None:
-        """Create pending label rows for structures that have none for this calculator set-up."""
+    def request_labels(
+        self, structure_ids: Sequence[int], calculator: str, params_hash: str, retry_failed: bool = False
+    ) -> None:
+        """Create pending label rows for structures that have none for this calculator set-up.
+
+        With ``retry_failed``, a failed label of a structure that is not quarantined goes back to
+        pending: a new labelling round (its earlier attempts still count towards quarantine).
+        """
+        ids = list(dict.fromkeys(structure_ids))
         with self.session() as s, s.begin():
             have = set(
                 s.scalars(
                     select(models.Label.structure_id).where(
-                        models.Label.structure_id.in_(list(structure_ids)),
+                        models.Label.structure_id.in_(ids),
                         models.Label.calculator == calculator,
                         models.Label.params_hash == params_hash,
                     )
                 )
             )
-            todo = [i for i in dict.fromkeys(structure_ids) if i not in have]
+            todo = [i for i in ids if i not in have]
             if todo:
                 s.execute(
                     insert(models.Label),
@@ -279,6 +278,20 @@ class Store:
                         }
                         for i in todo
                     ],
+                )
+            if retry_failed:
+                eligible = select(models.Structure.id).where(
+                    models.Structure.id.in_(ids), models.Structure.quarantined.is_(False)
+                )
+                s.execute(
+                    update(models.Label)
+                    .where(
+                        models.Label.structure_id.in_(eligible),
+                        models.Label.calculator == calculator,
+                        models.Label.params_hash == params_hash,
+                        models.Label.status == "failed",
+                    )
+                    .values(status="pending")
                 )
 
     def unfinished_labels(self, campaign_id: int, calculator: str | None = None) -> list[tuple[int, int]]:
@@ -307,7 +320,15 @@ class Store:
             )
             return res.rowcount == 1
 
-    def finish_label(self, label_id: int, record: LabelRecord) -> None:
+    def finish_label(
+        self,
+        label_id: int,
+        record: LabelRecord,
+        attempts: Sequence[dict[str, Any]] = (),
+        quarantine: bool = False,
+    ) -> None:
+        """Store the outcome, every attempt behind it and (if decided) the structure's quarantine,
+        all in one transaction: a crash leaves the label either finished or still to do."""
         values: dict[str, Any] = {
             "status": record.status,
             "energy": record.energy,
@@ -319,11 +340,80 @@ class Store:
             "wall_time": record.wall_time,
             "host": record.host,
             "code_version": record.code_version,
-            "metadata_json": json.dumps(record.metadata) if record.metadata else None,
+            "metadata_json": json.dumps(record.metadata, default=str) if record.metadata else None,
             "finished_at": _now(),
         }
         with self.session() as s, s.begin():
             s.execute(update(models.Label).where(models.Label.id == label_id).values(**values))
+            self._add_attempts(s, label_id, attempts)
+            if quarantine:
+                sid = select(models.Label.structure_id).where(models.Label.id == label_id).scalar_subquery()
+                s.execute(update(models.Structure).where(models.Structure.id == sid).values(quarantined=True))
+
+    @staticmethod
+    def _add_attempts(s: Session, label_id: int, attempts: Sequence[dict[str, Any]]) -> None:
+        if not attempts:
+            return
+        offset = s.scalar(
+            select(func.count()).select_from(models.LabelAttempt).where(models.LabelAttempt.label_id == label_id)
+        )
+        s.execute(
+            insert(models.LabelAttempt),
+            [
+                {
+                    "label_id": label_id,
+                    "attempt": offset + k + 1,
+                    "failure_class": a.get("failure_class"),
+                    "message": a.get("message") or None,
+                    "output_tail": a.get("output_tail") or None,
+                    "wall_time": a.get("wall_time"),
+                    "kwargs_json": json.dumps(a.get("kwargs") or {}, default=str),
+                    "metadata_json": json.dumps(a.get("metadata") or {}, default=str),
+                    "decision": a.get("decision"),
+                    "decision_reason": a.get("decision_reason") or None,
+                    "created_at": _now(),
+                }
+                for k, a in enumerate(attempts)
+            ],
+        )
+
+    def attempts(self, label_id: int) -> list[models.LabelAttempt]:
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(models.LabelAttempt)
+                    .where(models.LabelAttempt.label_id == label_id)
+                    .order_by(models.LabelAttempt.attempt)
+                )
+            )
+
+    def failed_attempt_classes(self, label_id: int) -> list[str]:
+        """Failure classes of a label's earlier failed attempts, oldest first (they count towards quarantine)."""
+        return [a.failure_class for a in self.attempts(label_id) if a.failure_class is not None]
+
+    def failed_ids(self, campaign_id: int, role: str | None = None, include_quarantined: bool = False) -> list[int]:
+        """Structures whose label failed (and, by default, that are not quarantined)."""
+        q = (
+            select(models.Structure.id)
+            .join(models.Label, models.Label.structure_id == models.Structure.id)
+            .where(models.Structure.campaign_id == campaign_id, models.Label.status == "failed")
+        )
+        if role is not None:
+            q = q.where(models.Structure.role == role)
+        if not include_quarantined:
+            q = q.where(models.Structure.quarantined.is_(False))
+        with self.session() as s:
+            return sorted(set(s.scalars(q)))
+
+    def quarantined_ids(self, campaign_id: int) -> list[int]:
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(models.Structure.id)
+                    .where(models.Structure.campaign_id == campaign_id, models.Structure.quarantined.is_(True))
+                    .order_by(models.Structure.id)
+                )
+            )
 
     def labelled_ids(self, campaign_id: int, role: str | None = None) -> list[int]:
         """Structure ids with a finished label (any calculator), sorted."""
@@ -367,6 +457,17 @@ class Store:
             atoms.calc = SinglePointCalculator(atoms, **results)
             atoms.info["label_calculator"] = r.calculator
         return atoms_list
+
+    def failure_counts(self, campaign_id: int) -> dict[str, int]:
+        """Failed labels by failure class."""
+        with self.session() as s:
+            rows = s.execute(
+                select(models.Label.failure_class, func.count())
+                .join(models.Structure, models.Structure.id == models.Label.structure_id)
+                .where(models.Structure.campaign_id == campaign_id, models.Label.status == "failed")
+                .group_by(models.Label.failure_class)
+            )
+            return {cls or "unknown": n for cls, n in rows}
 
     def label_counts(self, campaign_id: int) -> dict[str, int]:
         with self.session() as s:

@@ -15,24 +15,28 @@ INVARIANT = "invariant"
 CHUNK = 256  # structures per compute-and-store round: bounded memory, steady progress in the store
 
 
-@task(name="featurize", tags=["featurize"], cache_policy=NO_CACHE)
-def featurize(store_url: str, model_id: int, structure_ids: list[int], with_training_set: bool = False) -> int:
-    """Store last-layer (float64) and invariant (float32) features for those missing them, and for
-    the model's own training set too if asked (selectors build ``H`` from it); returns how many
-    structures were computed."""
+def ensure_features(store_url: str, model_id: int, structure_ids: list[int]) -> int:
+    """Compute and store last-layer (float64) and invariant (float32) features of the structures
+    that lack them under this model; returns how many were computed."""
     from alforge.mlip.features import compute_features
 
     store = open_store(store_url)
-    model = store.model(model_id)
-    wanted = list(structure_ids) + ([int(i) for i in model.train_ids] if with_training_set else [])
-    todo = store.missing_features(model_id, LAST_LAYER, list(dict.fromkeys(wanted)))
-    path = Path(model.path)
+    todo = store.missing_features(model_id, LAST_LAYER, list(dict.fromkeys(structure_ids)))
+    path = Path(store.model(model_id).path)
     for start in range(0, len(todo), CHUNK):
         ids = todo[start : start + CHUNK]
         feats = compute_features(path, store.get_atoms(ids))
         store.put_features(model_id, LAST_LAYER, {i: f.last_layer for i, f in zip(ids, feats)}, dtype="<f8")
         store.put_features(model_id, INVARIANT, {i: f.invariant for i, f in zip(ids, feats)}, dtype="<f4")
     return len(todo)
+
+
+@task(name="featurize", tags=["featurize"], cache_policy=NO_CACHE)
+def featurize(store_url: str, model_id: int, structure_ids: list[int], with_training_set: bool = False) -> int:
+    """Features of ``structure_ids`` and, if asked, of the model's own training set (selectors
+    build ``H`` from it); returns how many structures were computed."""
+    train = [int(i) for i in open_store(store_url).model(model_id).train_ids] if with_training_set else []
+    return ensure_features(store_url, model_id, list(structure_ids) + train)
 
 
 def structure_features(store_url: str, model_id: int, structure_ids: list[int]) -> np.ndarray:

@@ -1,70 +1,85 @@
-"""Label one structure with the campaign's labeller; every outcome is stored, none is raised."""
+"""Label one structure with the campaign's labeller, retrying as the policy says.
+
+Every outcome is stored, none is raised: a DFT failure is an event in the store (failure class,
+message, the code's last output lines, every attempt and the policy's decision), never a crash of
+the campaign. A label that is already finished is skipped, never recomputed.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import socket
-import time
-from typing import Any
+from collections.abc import Callable
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from alforge.config import LabellerConfig
-from alforge.labelling.base import Labeller, LabelFailure
+from alforge.labelling.base import FailureClass, Labeller
+from alforge.labelling.policy import RetryPolicy, label_with_policy
+from alforge.labelling.registry import make_labeller
 from alforge.storage.store import LabelRecord
 from alforge.tasks.common import open_store
 
 
-def make_campaign_labeller(cfg: LabellerConfig) -> Labeller:
-    from alforge.labelling.ase_calculator import ASECalculatorLabeller
+def labeller_factory(cfg: LabellerConfig) -> Callable[..., Labeller]:
+    """Builds a fresh labeller per attempt: labellers keep per-run state and are not thread-safe."""
+    return functools.partial(make_labeller, cfg.name)
 
-    return ASECalculatorLabeller(cfg.name, cfg.kwargs, max_force=cfg.max_force)
+
+def retry_policy(cfg: LabellerConfig) -> RetryPolicy:
+    base = RetryPolicy.for_labeller(cfg.name)
+    max_retries = {**base.max_retries, **{FailureClass(k): n for k, n in cfg.retries.items()}}
+    return dataclasses.replace(base, max_retries=max_retries, quarantine_after=cfg.quarantine_after)
 
 
 def labeller_identity(cfg: LabellerConfig) -> tuple[str, str]:
     """``(calculator, params_hash)`` under which this labeller's results are stored."""
-    prov = make_campaign_labeller(cfg).provenance()
+    prov = make_labeller(cfg.name, **cfg.labeller_kwargs()).provenance()
     return prov["code"], prov["params_hash"]
 
 
 @task(name="label", tags=["label"], cache_policy=NO_CACHE)
 def label_structure(store_url: str, label_id: int, structure_id: int, cfg: LabellerConfig) -> str:
-    """Compute and store one label. A label already finished is skipped, never recomputed."""
+    """Compute and store one label; returns ``done``, ``failed``, ``quarantined`` or ``skipped``."""
     store = open_store(store_url)
     if not store.start_label(label_id):
         return "skipped"
     (atoms,) = store.get_atoms([structure_id])
-    labeller = make_campaign_labeller(cfg)  # per call: calculators are not thread-safe
-    prov = labeller.provenance()
-    host = socket.gethostname()
-    start = time.perf_counter()
-    try:
-        label = labeller.label(atoms)
-    except LabelFailure as failure:
-        get_run_logger().warning(
-            "structure %s: %s: %s", structure_id, failure.failure_class.value, failure.message
-        )
+    atoms.info.pop("alforge_id", None)
+    earlier = store.failed_attempt_classes(label_id)
+    label, attempts = label_with_policy(
+        labeller_factory(cfg), atoms, retry_policy(cfg), cfg.labeller_kwargs(), previous_failures=earlier
+    )
+    last = attempts[-1]
+    meta = dict(last.metadata)
+    common = {
+        "wall_time": sum(a.wall_time for a in attempts),
+        "host": meta.get("host") or socket.gethostname(),
+        "code_version": meta.get("version") or None,
+    }
+    if label is not None:
         record = LabelRecord(
-            "failed",
-            failure_class=failure.failure_class.value,
-            error=failure.message,
-            output_tail=failure.output_tail or None,
-            wall_time=time.perf_counter() - start,
-            host=host,
-            code_version=prov.get("version"),
+            "done", energy=label.energy, forces=label.forces, stress=label.stress,
+            metadata={**meta, **label.metadata, "attempts": len(attempts)}, **common,
         )
     else:
-        meta: dict[str, Any] = dict(label.metadata)
-        record = LabelRecord(
-            "done",
-            energy=label.energy,
-            forces=label.forces,
-            stress=label.stress,
-            wall_time=time.perf_counter() - start,
-            host=host,
-            code_version=prov.get("version"),
-            metadata=meta or None,
+        get_run_logger().warning(
+            "structure %s: %s after %d attempt(s): %s (%s)",
+            structure_id, last.failure_class.value, len(attempts), last.message, last.decision_reason,
         )
-    store.finish_label(label_id, record)
-    return record.status
+        record = LabelRecord(
+            "failed", failure_class=last.failure_class.value, error=last.message,
+            output_tail=last.output_tail or None, metadata=meta or None, **common,
+        )
+    quarantine = last.decision == "quarantine"
+    store.finish_label(label_id, record, [a.to_dict() for a in attempts], quarantine=quarantine)
+    return "quarantined" if quarantine else record.status
+
+
+@task(name="label-outcomes", cache_policy=NO_CACHE)
+def label_outcomes(store_url: str, campaign_id: int) -> dict[str, int]:
+    """Label counts by status, for the failure budget."""
+    return open_store(store_url).label_counts(campaign_id)

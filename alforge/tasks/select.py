@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from alforge.config import SelectorConfig
 from alforge.selectors import make_selector
 from alforge.tasks.common import open_store
-from alforge.tasks.featurize import atom_features, structure_features
+from alforge.tasks.featurize import atom_features, ensure_features, structure_features
 
 
 @task(name="select", tags=["select"], cache_policy=NO_CACHE)
@@ -31,12 +31,13 @@ def select_batch(
     store = open_store(store_url)
     stored = store.selection_for_iteration(iteration_id)
     if stored is None:
+        # This iteration's MD frames, plus earlier candidates whose label failed but that are not
+        # quarantined: a failed structure gets another labelling round only if it is picked again.
         labelled = set(store.labelled_ids(campaign_id))
-        candidates = [
-            i
-            for i in store.structure_ids(campaign_id, role="candidate", iteration_id=iteration_id, include_quarantined=False)
-            if i not in labelled
-        ]
+        fresh = store.structure_ids(campaign_id, role="candidate", iteration_id=iteration_id, include_quarantined=False)
+        retry = store.failed_ids(campaign_id, role="candidate")
+        candidates = [i for i in dict.fromkeys(fresh + retry) if i not in labelled]
+        ensure_features(store_url, model_id, retry)
         train_ids = [int(i) for i in store.model(model_id).train_ids]
         selector = make_selector(cfg.name, **cfg.params)
         if not candidates:
@@ -58,5 +59,6 @@ def select_batch(
         )
         stored = store.selection_for_iteration(iteration_id)
     picked = [int(i) for i in stored["picked_ids"]]
-    store.request_labels(picked, calculator, params_hash)  # idempotent: resumes a crash right here
+    # idempotent (resumes a crash right here); a re-picked failed structure starts a new round
+    store.request_labels(picked, calculator, params_hash, retry_failed=True)
     return {"picked": picked, "scores": [float(s) for s in stored["scores"]], "n_candidates": len(stored["candidate_ids"])}
