@@ -19,6 +19,7 @@ class MACEParams(BaseModel):
     r_max: float = Field(4.5, gt=0, description="cutoff radius in Å")
     num_channels: int = Field(16, ge=1)
     max_L: int = Field(1, ge=0, le=3)
+    max_ell: int = Field(3, ge=1, description="highest ℓ of the edge spherical harmonics (mace default 3)")
     num_interactions: int = Field(2, ge=1)
     correlation: int = Field(2, ge=1)
     num_radial_basis: int = Field(6, ge=1)

@@ -67,8 +67,12 @@ def check_features(name: str, array: np.ndarray | None, dim: int | None = None) 
         raise ValueError(f"{name} must be a 2-D (n, d) array, got shape {array.shape}")
     if dim is not None and array.shape[1] != dim:
         raise ValueError(f"{name} has feature dimension {array.shape[1]}, expected {dim}")
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} contains non-finite values")
+    # Row chunks of ~4M values: a million-row memory-mapped feature file is checked without a
+    # full-size boolean temporary.
+    step = max(1, 2**22 // max(array.shape[1], 1))
+    for start in range(0, len(array), step):
+        if not np.all(np.isfinite(array[start : start + step])):
+            raise ValueError(f"{name} contains non-finite values")
     return array
 
 

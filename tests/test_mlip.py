@@ -1,0 +1,185 @@
+"""Tests of the MACE backend: training, evaluation, loading and last-layer features (METHODS §1).
+
+One tiny model (8 channels, max_L 0) is trained once per module on ~10 EMT-labelled rattled Cu cells;
+the slow tests share it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from alforge.mlip.features import compute_features, last_layer_weights
+from alforge.mlip.mace_model import (
+    TrainResult,
+    evaluate,
+    load_calculator,
+    load_model,
+    resolve_device,
+    train_mace,
+)
+from alforge.mlip.params import MACEParams
+
+TINY = dict(num_channels=8, max_L=0, max_ell=2, mlp_irreps="8x0e", batch_size=4, device="cpu")
+
+
+def _label(atoms: Atoms, stress: bool = True) -> Atoms:
+    """Attach EMT reference labels the way the labeller stores them (a SinglePointCalculator)."""
+    atoms.calc = EMT()
+    results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
+    if stress:
+        results["stress"] = atoms.get_stress()
+    atoms.calc = SinglePointCalculator(atoms, **results)
+    return atoms
+
+
+def _cu_structures(n: int, seed: int) -> list[Atoms]:
+    """Rattled, strained fcc Cu cells of 4 and 8 atoms."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        atoms = bulk("Cu", "fcc", 3.6, cubic=True)
+        if i % 2:
+            atoms = atoms.repeat((2, 1, 1))
+        atoms.set_cell(atoms.cell @ (np.eye(3) + rng.uniform(-0.02, 0.02, (3, 3))), scale_atoms=True)
+        atoms.rattle(0.08, seed=int(rng.integers(2**31)))
+        out.append(_label(atoms))
+    return out
+
+
+def _cluster() -> Atoms:
+    """A non-periodic 8-atom Cu cluster without stress."""
+    atoms = bulk("Cu", "fcc", 3.6, cubic=True).repeat((2, 1, 1))
+    atoms.pbc = False
+    atoms.cell = None
+    atoms.rattle(0.05, seed=3)
+    return _label(atoms, stress=False)
+
+
+@pytest.fixture(scope="module")
+def data() -> list[Atoms]:
+    return _cu_structures(10, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tmp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mlip")
+
+
+@pytest.fixture(scope="module")
+def trained(data: list[Atoms], tmp_dir: Path) -> TrainResult:
+    params = MACEParams(**TINY, max_epochs=6, finetune_epochs=1)
+    dtype_before = torch.get_default_dtype()
+    result = train_mace(data, params, tmp_dir / "model.pt")
+    assert torch.get_default_dtype() == dtype_before, "train_mace must restore the default dtype"
+    return result
+
+
+@pytest.fixture(scope="module")
+def untrained(data: list[Atoms], tmp_dir: Path) -> TrainResult:
+    """The same architecture after one step of negligible size: effectively the initial model."""
+    params = MACEParams(**TINY, max_epochs=1, lr=1e-12)
+    return train_mace(data, params, tmp_dir / "untrained.pt")
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_missing_labels_name_the_structure(tmp_path: Path) -> None:
+    structures = _cu_structures(2, seed=1)
+    structures[1].calc = None
+    with pytest.raises(ValueError, match="training structure 1"):
+        train_mace(structures, MACEParams(**TINY, max_epochs=1), tmp_path / "m.pt")
+
+
+@pytest.mark.slow
+def test_training_result(trained: TrainResult) -> None:
+    assert trained.model_path.is_file()
+    assert trained.epochs == 6 and len(trained.history) == 6 and not trained.finetuned
+    for key in ("train_energy_rmse_per_atom", "train_forces_rmse", "train_stress_rmse", "valid_forces_rmse"):
+        assert np.isfinite(trained.metrics[key]), key
+    assert "valid_loss" in trained.history[0]
+
+
+@pytest.mark.slow
+def test_energy_decomposes_into_last_layer_features(trained: TrainResult, data: list[Atoms]) -> None:
+    """METHODS §1: E = Σ_j w·f_j + Σ_j e0_j, for periodic cells and a non-periodic cluster."""
+    w, blocks = last_layer_weights(load_model(trained.model_path, "cpu"))
+    assert [b[0] for b in blocks] == ["readouts.0", "readouts.1"]
+    assert blocks[0][1] == 0 and blocks[-1][2] == w.shape[0]
+    structures = data[:4] + [_cluster()]
+    features = compute_features(trained.model_path, structures, device="cpu")
+    assert len(features) == len(structures)
+    for atoms, feat in zip(structures, features):
+        assert feat.last_layer.shape == (len(atoms), w.shape[0]) and feat.last_layer.dtype == np.float64
+        assert feat.invariant.shape == (len(atoms), TINY["num_channels"])
+        rebuilt = float(np.sum(feat.last_layer @ w) + np.sum(feat.e0))
+        assert rebuilt == pytest.approx(feat.energy, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_saved_model_loads_in_mace_calculator(trained: TrainResult, data: list[Atoms]) -> None:
+    from mace.calculators import MACECalculator
+
+    features = compute_features(trained.model_path, data[:3], device="cpu")
+    calculators = [
+        MACECalculator(model_paths=str(trained.model_path), device="cpu", default_dtype="float64"),
+        load_calculator(trained.model_path, device="cpu"),
+    ]
+    for calc in calculators:
+        for atoms, feat in zip(data[:3], features):
+            probe = atoms.copy()
+            probe.calc = calc
+            assert probe.get_potential_energy() == pytest.approx(feat.energy, rel=1e-9, abs=1e-9)
+    assert torch.get_default_dtype() == torch.float32
+
+
+@pytest.mark.slow
+def test_training_reduces_force_error(trained: TrainResult, untrained: TrainResult, data: list[Atoms]) -> None:
+    before = evaluate(untrained.model_path, data, device="cpu")
+    after = evaluate(trained.model_path, data, device="cpu")
+    assert after["forces_rmse"] < 0.7 * before["forces_rmse"]
+    assert set(after) >= {"energy_rmse_per_atom", "forces_rmse", "stress_rmse", "energy_mae_per_atom"}
+    assert "stress_rmse" not in evaluate(trained.model_path, [_cluster()], device="cpu")
+
+
+@pytest.mark.slow
+def test_finetune_starts_from_previous_weights(trained: TrainResult, data: list[Atoms], tmp_dir: Path) -> None:
+    params = MACEParams(**TINY, max_epochs=6, finetune_epochs=1)
+    more = _cu_structures(6, seed=7)
+    result = train_mace(data + more, params, tmp_dir / "finetuned.pt", init_model=trained.model_path)
+    assert result.finetuned and result.epochs == 1
+    assert result.history[0]["train_loss"] < trained.history[0]["train_loss"]
+    e0_old = load_model(trained.model_path, "cpu").atomic_energies_fn.atomic_energies
+    e0_new = load_model(result.model_path, "cpu").atomic_energies_fn.atomic_energies
+    assert torch.equal(e0_old, e0_new)
+
+
+@pytest.mark.slow
+def test_training_is_deterministic(data: list[Atoms], tmp_dir: Path) -> None:
+    params = MACEParams(**TINY, max_epochs=1)
+    runs = [train_mace(data, params, tmp_dir / f"seeded{i}.pt") for i in range(2)]
+    first, second = (load_model(r.model_path, "cpu").state_dict() for r in runs)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert runs[0].history == runs[1].history
+
+
+@pytest.mark.slow
+def test_batched_features_match_one_by_one(trained: TrainResult, data: list[Atoms]) -> None:
+    structures = data[:5] + [_cluster()]
+    batched = compute_features(trained.model_path, structures, device="cpu", batch_size=4)
+    single = [compute_features(trained.model_path, [a], device="cpu")[0] for a in structures]
+    for b, s in zip(batched, single):
+        np.testing.assert_allclose(b.last_layer, s.last_layer, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(b.invariant, s.invariant, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(b.e0, s.e0)
+        assert b.energy == pytest.approx(s.energy, rel=1e-12)
