@@ -1,0 +1,176 @@
+"""MaxVol, the extrapolation grade and the D-optimal selector (METHODS §3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from alforge.selectors import make_selector
+from alforge.selectors.dopt import extrapolation_grade, maxvol
+
+
+def _naive_maxvol(features: np.ndarray, tol: float, rows: list[int]) -> list[int]:
+    """Recompute all coefficients with an explicit inverse after every swap."""
+    rows = list(rows)
+    while True:
+        coef = features @ np.linalg.inv(features[rows])
+        j, i = np.unravel_index(np.argmax(np.abs(coef)), coef.shape)
+        if abs(coef[j, i]) <= tol:
+            return rows
+        rows[i] = int(j)
+
+
+def _lu_rows(features: np.ndarray) -> list[int]:
+    """The rows partial pivoting picks: features = L[perm] U, pivot k is the row with perm == k."""
+    perm = scipy.linalg.lu(features, p_indices=True)[0]
+    return [int(np.flatnonzero(perm == k)[0]) for k in range(features.shape[1])]
+
+
+@pytest.mark.parametrize("seed,n,d,tol", [(0, 400, 10, 1.01), (1, 60, 12, 1.05), (2, 300, 5, 1.3)])
+def test_maxvol_bounds_every_row_and_matches_naive_swaps(seed, n, d, tol):
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0, size=(n, 1))
+    result = maxvol(features, tol=tol)
+    assert result.converged
+    active_inverse = np.linalg.inv(features[result.rows])
+    assert np.abs(features @ active_inverse).max() <= tol + 1e-12
+    np.testing.assert_allclose(
+        extrapolation_grade(active_inverse, features[result.rows]), 1.0, atol=1e-12
+    )
+    assert result.log_abs_det == pytest.approx(
+        np.linalg.slogdet(features[result.rows])[1], abs=1e-9
+    )
+    assert result.rows.tolist() == _naive_maxvol(features, tol, _lu_rows(features))
+
+
+def test_maxvol_from_given_start():
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(200, 6))
+    result = maxvol(features, start=np.arange(6))
+    assert result.rows.tolist() == _naive_maxvol(features, 1.01, list(range(6)))
+    assert np.abs(features @ np.linalg.inv(features[result.rows])).max() <= 1.01
+
+
+def test_maxvol_errors_name_the_input():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="features"):
+        maxvol(rng.normal(size=(3, 5)))
+    rank_deficient = rng.normal(size=(50, 2)) @ rng.normal(size=(2, 4))
+    with pytest.raises(ValueError, match="rank-deficient"):
+        maxvol(rank_deficient)
+    with pytest.raises(ValueError, match="tol"):
+        maxvol(rng.normal(size=(10, 3)), tol=1.0)
+    with pytest.raises(ValueError, match="start"):
+        maxvol(rng.normal(size=(10, 3)), start=[0, 0, 1])
+    with pytest.raises(ValueError, match="active_set_inverse"):
+        extrapolation_grade(np.ones((3, 2)), np.ones((4, 3)))
+
+
+def test_extrapolation_grade_is_max_abs_coefficient():
+    rng = np.random.default_rng(1)
+    inverse, features = rng.normal(size=(4, 4)), rng.normal(size=(30, 4))
+    np.testing.assert_allclose(
+        extrapolation_grade(inverse, features), np.abs(features @ inverse).max(axis=1)
+    )
+
+
+def _naive_dopt(cand, groups, elements, train, train_elements, budget, tol, threshold):
+    d = cand.shape[1]
+    active = {}
+    for e in np.unique(elements):
+        pool = train[train_elements == e]
+        active[e] = pool[_naive_maxvol(pool, tol, _lu_rows(pool))] if len(pool) >= d else pool
+    ids = np.unique(groups)
+    picks, scores = [], []
+    for _ in range(min(budget, len(ids))):
+        grade = np.array(
+            [
+                np.abs(f @ np.linalg.inv(active[e])).max() if len(active[e]) == d else np.inf
+                for f, e in zip(cand, elements, strict=True)
+            ]
+        )
+        best, best_grade = None, -np.inf
+        for s in ids:
+            g = grade[groups == s].max()
+            if s not in picks and g > best_grade:
+                best, best_grade = s, g
+        if not best_grade > threshold:
+            break
+        picks.append(int(best))
+        scores.append(best_grade)
+        for e in np.unique(elements[groups == best]):
+            pool = np.vstack([active[e], cand[(groups == best) & (elements == e)]])
+            if len(active[e]) == d:
+                active[e] = pool[_naive_maxvol(pool, tol, list(range(d)))]
+            elif len(pool) >= d:
+                active[e] = pool[_naive_maxvol(pool, tol, _lu_rows(pool))]
+            else:
+                active[e] = pool
+    return picks, scores
+
+
+@pytest.mark.parametrize("seed,n_train_b,threshold", [(0, 40, 1.0), (1, 3, 1.0), (2, 40, 2.0)])
+def test_dopt_equals_naive_reference(seed, n_train_b, threshold):
+    rng = np.random.default_rng(seed)
+    d = 4
+    train = rng.normal(size=(60 + n_train_b, d))
+    train_elements = np.array([1] * 60 + [8] * n_train_b)  # element 8 may lack an active set
+    sizes = rng.integers(1, 5, size=15)
+    groups = np.repeat(np.arange(200, 215), sizes)
+    elements = rng.choice([1, 8], size=len(groups))
+    cand = rng.normal(size=(len(groups), d)) * rng.uniform(0.5, 2.5, size=(len(groups), 1))
+    selection = make_selector("dopt", threshold=threshold).select(
+        cand, 8, train=train, train_elements=train_elements, groups=groups, elements=elements
+    )
+    picks, scores = _naive_dopt(cand, groups, elements, train, train_elements, 8, 1.01, threshold)
+    assert selection.indices.tolist() == picks
+    np.testing.assert_allclose(selection.scores, scores, rtol=1e-9)
+
+
+def test_dopt_does_not_pick_a_copy_of_a_picked_structure():
+    rng = np.random.default_rng(3)
+    d = 5
+    train = rng.normal(size=(50, d))
+    outlier = 4.0 * rng.normal(size=(3, d))
+    cand = np.vstack([outlier, outlier, rng.normal(size=(10, d))])
+    groups = np.array([0, 0, 0, 1, 1, 1] + list(range(2, 12)))
+    kw = dict(train=train, train_elements=np.zeros(50), groups=groups, elements=np.zeros(len(cand)))
+    selection = make_selector("dopt", threshold=1.01).select(cand, 12, **kw)
+    assert selection.indices[0] in (0, 1)
+    assert not {0, 1} <= set(selection.indices.tolist())
+
+
+def test_dopt_errors_name_the_context_key():
+    x = np.ones((4, 2))
+    with pytest.raises(ValueError, match="groups"):
+        make_selector("dopt").select(
+            x, 1, train=x, train_elements=np.zeros(4), elements=np.zeros(4)
+        )
+    with pytest.raises(ValueError, match="train_elements"):
+        make_selector("dopt").select(
+            x, 1, train=x, train_elements=np.zeros(3), elements=np.zeros(4), groups=np.arange(4)
+        )
+
+
+def test_maxvol_in_place_updates_across_chunks(monkeypatch):
+    import alforge.selectors.dopt as dopt_module
+
+    rng = np.random.default_rng(6)
+    features = rng.normal(size=(300, 7))
+    monkeypatch.setattr(dopt_module, "_SWAP_CHUNK_BYTES", 8 * 7 * 11)  # 11 rows per chunk
+    result = maxvol(features)
+    assert result.rows.tolist() == _naive_maxvol(features, 1.01, _lu_rows(features))
+    assert np.abs(features @ np.linalg.inv(features[result.rows])).max() <= 1.01
+
+
+def test_active_set_inverses_bound_training_grades():
+    from alforge.selectors.dopt import active_set_inverses
+
+    rng = np.random.default_rng(8)
+    train = rng.normal(size=(90, 4))
+    elements = np.array([1] * 60 + [6] * 27 + [8] * 3)  # element 8 is too rare for an active set
+    inverses = active_set_inverses(train, elements)
+    assert set(inverses) == {1, 6}
+    for element, inverse in inverses.items():
+        assert extrapolation_grade(inverse, train[elements == element]).max() <= 1.01
