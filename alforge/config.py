@@ -171,6 +171,9 @@ class CampaignConfig(_Strict):
     seed: int = 0
     seeds: list[StructureSource] = Field(min_length=1)
     test: list[StructureSource] = []
+    targets: list[StructureSource] = Field(
+        [], description="unlabelled structures of interest for target-aware selectors (mmig, qopt, pr_augment)"
+    )
     mlip: MACEParams = MACEParams()
     exploration: ExplorationConfig = ExplorationConfig()
     selector: SelectorConfig = SelectorConfig()
@@ -184,9 +187,17 @@ class CampaignConfig(_Strict):
             raise ValueError("name must be letters, digits, '_', '.', '-' (it names files)")
         return v
 
+    @model_validator(mode="after")
+    def _targets_for_target_aware(self) -> "CampaignConfig":
+        from alforge.selectors import get_selector_class
+
+        if get_selector_class(self.selector.name).needs_targets and not self.targets:
+            raise ValueError(f"selector {self.selector.name!r} needs a 'targets' section (structures of interest)")
+        return self
+
     def resolve_paths(self, base: Path) -> "CampaignConfig":
         """Make file paths absolute against ``base`` and fill the store/workdir defaults."""
-        for src in [*self.seeds, *self.test]:
+        for src in [*self.seeds, *self.test, *self.targets]:
             if src.file is not None and not src.file.is_absolute():
                 src.file = (base / src.file).resolve()
         self.workdir = (base / (self.workdir or Path("runs") / self.name)).resolve()
@@ -213,9 +224,10 @@ def parse_config(raw: Any, path: Path) -> CampaignConfig:
     except ValidationError as exc:
         raise ConfigError(_format_errors(path, exc)) from None
     cfg.resolve_paths(path.parent)
-    missing = [str(s.file) for s in [*cfg.seeds, *cfg.test] if s.file is not None and not s.file.exists()]
+    sources = [*cfg.seeds, *cfg.test, *cfg.targets]
+    missing = [str(s.file) for s in sources if s.file is not None and not s.file.exists()]
     if missing:
-        raise ConfigError(f"{path}: seeds/test file(s) not found: {', '.join(missing)}")
+        raise ConfigError(f"{path}: seeds/test/targets file(s) not found: {', '.join(missing)}")
     return cfg
 
 

@@ -11,6 +11,9 @@ import yaml
 # Before anything imports Prefect: keep its database and settings out of the user's home.
 os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parent.parent / ".prefect-test"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Tiny models on 2 cores: one intra-op thread is faster than two (thread overhead dominates, and
+# two threads collapse when anything else runs), and it keeps tests deterministic.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TESTS = Path(__file__).resolve().parent
 

@@ -115,7 +115,8 @@ def test_features_and_models(store, cid):
     assert list(info.train_ids) == sids
     feats = {sids[0]: np.arange(16 * 5.0).reshape(16, 5), sids[1]: np.ones((3, 5))}
     assert store.missing_features(mid, "last_layer", sids) == sids
-    store.put_features(mid, "last_layer", feats)
+    store.put_features(mid, {"last_layer": (feats, "<f8")})
+    store.put_features(mid, {"last_layer": (feats, "<f8")})  # replaces, never duplicates
     assert store.missing_features(mid, "last_layer", sids) == []
     back = store.get_features(mid, "last_layer", [sids[1], sids[0]])
     assert np.array_equal(back[0], feats[sids[1]]) and np.array_equal(back[1], feats[sids[0]])

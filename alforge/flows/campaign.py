@@ -18,6 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from alforge.config import CampaignConfig, LabellerConfig, load_config
 from alforge.flows.stopping import failure_budget_reason, remaining_budget, stop_reason
 from alforge.tasks.common import open_store
+from alforge.tasks.diagnostics import diagnostics
 from alforge.tasks.explore import explore
 from alforge.tasks.featurize import featurize
 from alforge.tasks.ingest import ingest_sources
@@ -54,7 +55,9 @@ def _pause(url: str, cid: int, name: str, reason: str) -> dict[str, Any]:
 
 
 @task(name="summarise", cache_policy=NO_CACHE)
-def summarise(store_url: str, campaign_id: int, iteration_id: int, metrics: dict, selected: int, reason: str | None) -> dict:
+def summarise(
+    store_url: str, campaign_id: int, iteration_id: int, metrics: dict, selected: int, reason: str | None, diagnostics: dict
+) -> dict:
     store = open_store(store_url)
     counts = store.label_counts(campaign_id)
     summary = {
@@ -64,6 +67,7 @@ def summarise(store_url: str, campaign_id: int, iteration_id: int, metrics: dict
         "test_forces_rmse": metrics.get("test_forces_rmse"),
         "test_energy_rmse_per_atom": metrics.get("test_energy_rmse_per_atom"),
         "selected": selected,
+        "diagnostics": diagnostics,
     }
     store.finish_iteration(iteration_id, summary, reason)
     return summary
@@ -87,9 +91,11 @@ def campaign(config_path: str) -> dict[str, Any]:
     ingest_sources(url, cid, cfg.seeds, "seed", calculator, params_hash)
     if cfg.test:
         ingest_sources(url, cid, cfg.test, "test", calculator, params_hash)
+    if cfg.targets:  # structures of interest: featurized every iteration, never labelled
+        ingest_sources(url, cid, cfg.targets, "target", None, None)
     labeller_cfg = cfg.labeller
-    if reason := _label(url, cid, labeller_cfg):
-        return _pause(url, cid, cfg.name, reason)
+    if pause := _label(url, cid, labeller_cfg):
+        return _pause(url, cid, cfg.name, pause)
 
     last_selection: dict | None = None
     reason: str | None = None
@@ -103,16 +109,18 @@ def campaign(config_path: str) -> dict[str, Any]:
         if reason is None and k == cfg.stopping.max_iterations:
             reason = f"reached max_iterations = {k}"
         selected = 0
+        candidates = explore(url, cid, iteration_id, model_id, cfg.exploration, cfg.seed) if reason is None else []
+        watched = store.labelled_ids(cid, role="test") + store.structure_ids(cid, role="target")
+        featurize(url, model_id, candidates + watched, with_training_set=True)
+        diag = diagnostics(url, cid, model_id, candidates)
         if reason is None:
-            candidates = explore(url, cid, iteration_id, model_id, cfg.exploration, cfg.seed)
-            featurize(url, model_id, candidates, with_training_set=True)
             budget = remaining_budget(cfg.stopping, cfg.selector.batch_size, selected_so_far)
             selector_cfg = cfg.selector.model_copy(update={"batch_size": budget})
             last_selection = select_batch(url, cid, iteration_id, model_id, selector_cfg, calculator, params_hash)
             selected = len(last_selection["picked"])
             if pause := _label(url, cid, labeller_cfg):
                 return _pause(url, cid, cfg.name, pause)
-        summary = summarise(url, cid, iteration_id, metrics, selected, reason)
+        summary = summarise(url, cid, iteration_id, metrics, selected, reason, diag)
         summaries.append(summary)
         print(
             f"iteration {k}: labels {summary['labels_done']} done / {summary['labels_failed']} failed, "

@@ -15,7 +15,7 @@ def import_dataset(store_url: str, campaign: str, source: StructureSource, role:
     store = open_store(store_url)
     cid = store.get_or_create_campaign(campaign, {"name": campaign, "created_by": "alforge import"})
     before = len(store.labelled_ids(cid))
-    ids = ingest_sources(store_url, cid, [source], role, calculator=None, params_hash=None)
+    ids = ingest_sources(store_url, cid, [source], role, calculator=None, params_hash=None, require_labels=True)
     added = len(store.labelled_ids(cid)) - before
     print(f"imported {len(ids)} structures ({added} new labelled) from {source.file} into campaign {campaign!r}")
     return {"structures": len(ids), "new_labels": added}

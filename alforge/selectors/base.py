@@ -42,11 +42,15 @@ class Selector:
     #: what ``candidates``/``train`` rows are: "structure" (one row per structure) or
     #: "atom" (one row per atom; the adapter passes ``groups`` mapping rows to structures).
     level: str = "structure"
+    #: True if ``select`` needs ``targets=`` (feature rows of the structures the model must become
+    #: good at); campaigns then require a ``targets:`` section.
+    needs_targets: bool = False
 
     def get_params(self) -> dict[str, Any]:
         """The constructor arguments, read back from attributes of the same name."""
         sig = inspect.signature(type(self).__init__)
-        return {p: getattr(self, p) for p in sig.parameters if p != "self"}
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return {n: getattr(self, n) for n, p in sig.parameters.items() if n != "self" and p.kind in named}
 
     def select(
         self,

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from alforge.storage import arrays, models
@@ -547,17 +547,30 @@ class Store:
             return self._model_info(m, index)
 
     # ---------------------------------------------------------------- features
-    def put_features(self, model_id: int, kind: str, features: dict[int, np.ndarray], dtype: str = "<f8") -> None:
-        """Bulk-insert one array per structure (Core executemany: the ORM is ~6× slower)."""
+    def put_features(
+        self, model_id: int, kinds: dict[str, tuple[dict[int, np.ndarray], str]]
+    ) -> None:
+        """Store feature arrays of several kinds, ``{kind: ({structure_id: array}, dtype)}``, in one
+        transaction (so a structure never has some kinds and not others), replacing rows of the same
+        (structure, model, kind). Bulk Core executemany: the ORM is ~6× slower."""
         rows = []
-        for sid, arr in features.items():
-            data, dt, shape = arrays.encode(arr, dtype)
-            rows.append(
-                {"structure_id": sid, "model_id": model_id, "kind": kind, "dtype": dt, "shape": shape, "data": data}
-            )
+        for kind, (features, dtype) in kinds.items():
+            for sid, arr in features.items():
+                data, dt, shape = arrays.encode(arr, dtype)
+                rows.append(
+                    {"structure_id": sid, "model_id": model_id, "kind": kind, "dtype": dt, "shape": shape, "data": data}
+                )
         if not rows:
             return
         with self.session() as s, s.begin():
+            for kind, (features, _) in kinds.items():
+                s.execute(
+                    delete(models.Feature).where(
+                        models.Feature.model_id == model_id,
+                        models.Feature.kind == kind,
+                        models.Feature.structure_id.in_(list(features)),
+                    )
+                )
             s.execute(insert(models.Feature), rows)
 
     def missing_features(self, model_id: int, kind: str, structure_ids: Sequence[int]) -> list[int]:

@@ -12,6 +12,7 @@ from alforge.tasks.common import open_store
 
 LAST_LAYER = "last_layer"
 INVARIANT = "invariant"
+ENERGY = "energy"  # the model's energy of the structure, shape (1,): residuals for calibration
 CHUNK = 256  # structures per compute-and-store round: bounded memory, steady progress in the store
 
 
@@ -21,13 +22,20 @@ def ensure_features(store_url: str, model_id: int, structure_ids: list[int]) -> 
     from alforge.mlip.features import compute_features
 
     store = open_store(store_url)
-    todo = store.missing_features(model_id, LAST_LAYER, list(dict.fromkeys(structure_ids)))
+    # ENERGY is the newest kind: structures featurized before it existed are computed again
+    todo = store.missing_features(model_id, ENERGY, list(dict.fromkeys(structure_ids)))
     path = Path(store.model(model_id).path)
     for start in range(0, len(todo), CHUNK):
         ids = todo[start : start + CHUNK]
         feats = compute_features(path, store.get_atoms(ids))
-        store.put_features(model_id, LAST_LAYER, {i: f.last_layer for i, f in zip(ids, feats)}, dtype="<f8")
-        store.put_features(model_id, INVARIANT, {i: f.invariant for i, f in zip(ids, feats)}, dtype="<f4")
+        store.put_features(
+            model_id,
+            {
+                LAST_LAYER: ({i: f.last_layer for i, f in zip(ids, feats)}, "<f8"),
+                INVARIANT: ({i: f.invariant for i, f in zip(ids, feats)}, "<f4"),
+                ENERGY: ({i: np.array([f.energy]) for i, f in zip(ids, feats)}, "<f8"),
+            },
+        )
     return len(todo)
 
 
@@ -43,6 +51,10 @@ def structure_features(store_url: str, model_id: int, structure_ids: list[int]) 
     """``f_s = Σ_j f_j``: the structure-level last-layer features (METHODS §1), (n, d)."""
     per_atom = open_store(store_url).get_features(model_id, LAST_LAYER, structure_ids)
     return np.stack([f.sum(axis=0) for f in per_atom]) if per_atom else np.empty((0, 0))
+
+
+def model_energies(store_url: str, model_id: int, structure_ids: list[int]) -> np.ndarray:
+    return np.array([e[0] for e in open_store(store_url).get_features(model_id, ENERGY, structure_ids)])
 
 
 def atom_features(store_url: str, model_id: int, structure_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -21,15 +21,16 @@ def ingest_sources(
     role: str,
     calculator: str | None,
     params_hash: str | None,
+    require_labels: bool = False,
 ) -> list[int]:
     """Store the structures; imported labels become finished labels, the rest are requested
-    from the campaign's labeller (``calculator``/``params_hash``). Without a labeller
-    (``calculator=None``) every structure must come labelled."""
+    from the campaign's labeller (``calculator``/``params_hash``) if one is given. With
+    ``require_labels`` every structure must come labelled (``alforge import``)."""
     store = open_store(store_url)
     all_ids: list[int] = []
     for source in sources:
         structures, labels, origin = read_source(source)
-        if calculator is None:
+        if require_labels:
             unlabelled = [i for i, lab in enumerate(labels) if lab is None]
             if unlabelled:
                 raise SourceError(

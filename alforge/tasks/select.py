@@ -17,6 +17,12 @@ from alforge.tasks.common import open_store
 from alforge.tasks.featurize import atom_features, ensure_features, structure_features
 
 
+def _numbers(store, structure_ids: list[int]) -> np.ndarray:
+    """Atomic number of every atom, structure after structure (the rows of ``atom_features``)."""
+    atoms = store.get_atoms(structure_ids)
+    return np.concatenate([a.numbers for a in atoms]) if atoms else np.empty(0, dtype=int)
+
+
 @task(name="select", tags=["select"], cache_policy=NO_CACHE)
 def select_batch(
     store_url: str,
@@ -40,20 +46,31 @@ def select_batch(
         ensure_features(store_url, model_id, retry)
         train_ids = [int(i) for i in store.model(model_id).train_ids]
         selector = make_selector(cfg.name, **cfg.params)
+        context: dict = {}
+        if selector.needs_targets:
+            target_ids = store.structure_ids(campaign_id, role="target")
+            context["targets"] = structure_features(store_url, model_id, target_ids)
         if not candidates:
             picked, scores, info = [], np.empty(0), {"reason": "no candidates"}
-        elif selector.level == "atom":
-            cand_rows, groups = atom_features(store_url, model_id, candidates)
-            train_rows, _ = atom_features(store_url, model_id, train_ids)
-            result = selector.select(cand_rows, cfg.batch_size, train=train_rows, groups=groups)
-            picked, scores, info = [candidates[g] for g in result.indices], result.scores, result.info
         else:
-            result = selector.select(
-                structure_features(store_url, model_id, candidates),
-                cfg.batch_size,
-                train=structure_features(store_url, model_id, train_ids),
-            )
-            picked, scores, info = [candidates[i] for i in result.indices], result.scores, result.info
+            if selector.level == "atom":
+                # per-atom rows; groups = position of the row's structure in `candidates`
+                cand_rows, groups = atom_features(store_url, model_id, candidates)
+                train_rows, _ = atom_features(store_url, model_id, train_ids)
+                context |= {
+                    "groups": groups,
+                    "elements": _numbers(store, candidates),
+                    "train_elements": _numbers(store, train_ids),
+                }
+                result = selector.select(cand_rows, cfg.batch_size, train=train_rows, **context)
+            else:
+                result = selector.select(
+                    structure_features(store_url, model_id, candidates),
+                    cfg.batch_size,
+                    train=structure_features(store_url, model_id, train_ids),
+                    **context,
+                )
+            picked, scores, info = [candidates[int(i)] for i in result.indices], result.scores, result.info
         store.add_selection(
             iteration_id, model_id, cfg.name, selector.get_params(), candidates, picked, scores, info
         )

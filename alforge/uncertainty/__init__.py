@@ -1,4 +1,6 @@
-"""Uncertainty from the last-layer Hessian (prediction rigidities) and its calibration.
+"""Uncertainty from the last-layer Hessian and its calibration; plain arrays in and out.
 
-``rigidity`` implements METHODS §2; ``calibration`` implements METHODS §8. Plain arrays in and out.
+``rigidity``: the Hessian, PR / LPR / CPR and calibrated variances (METHODS §2).
+``calibration``: α² (eqs. 26–27), ENCE, miscalibration area, NLL, Spearman, conformal (METHODS §8).
+``blas_threads``: one-thread BLAS for small factorisations on shared machines.
 """

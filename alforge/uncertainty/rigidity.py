@@ -118,14 +118,17 @@ class Hessian:
                         f"force_jacobians[{s}] must have shape (n_atoms, 3, {dim}), got {jac.shape}"
                     )
                 rows = jac.reshape(-1, dim)
-                matrix += force_weight * (rows.T @ rows)
+                with threads_for(2.0 * rows.size * dim):
+                    matrix += force_weight * (rows.T @ rows)
         matrix[np.diag_indices(dim)] += regularizer**2
         return cls(matrix, regularizer)
 
     def updated(self, features: np.ndarray, weight: float = 1.0) -> Hessian:
         """``H + weight · FᵀF``: the Hessian after adding rows ``features`` to the training set."""
         features = np.asarray(_as_2d("features", features, self.dim), dtype=np.float64)
-        return Hessian(self.matrix + weight * (features.T @ features), self.regularizer)
+        with threads_for(2.0 * features.size * self.dim):
+            outer = features.T @ features
+        return Hessian(self.matrix + weight * outer, self.regularizer)
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         """``H⁻¹ rhs`` for a vector or a (d, k) matrix with few columns (one BLAS thread)."""

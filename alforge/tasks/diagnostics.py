@@ -1,0 +1,73 @@
+"""Per-iteration uncertainty diagnostics (METHODS §2 and §8), stored with the iteration.
+
+From the model's last-layer features: the energy-only Gauss–Newton Hessian of its training set,
+the distribution of PR over candidates and the test set, of LPR over their atoms, and the
+calibration of ``σ² = α² f_sᵀH⁻¹f_s`` against the test set's energy residuals: α² (eq. 26) on one
+half, ENCE, miscalibration area, NLL, Spearman and conformal coverage on the other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from alforge.tasks.common import open_store
+from alforge.tasks.featurize import LAST_LAYER, model_energies, structure_features
+from alforge.uncertainty import calibration as cal
+from alforge.uncertainty.rigidity import Hessian, local_prediction_rigidity, prediction_rigidity
+
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+CONFORMAL_MISCOVERAGE = 0.1
+MIN_FOR_SPLIT = 10  # fewer test structures: calibrate and evaluate on the same set (flagged)
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float] | None:
+    if len(values) == 0:
+        return None
+    return {f"q{int(q * 100):02d}": float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES))}
+
+
+def calibration_report(residuals: np.ndarray, variances: np.ndarray) -> dict[str, float | bool]:
+    """α² on the even-indexed half, metrics on the odd half (or in-sample below MIN_FOR_SPLIT)."""
+    n = len(residuals)
+    in_sample = n < MIN_FOR_SPLIT
+    fit = np.arange(n) if in_sample else np.arange(0, n, 2)
+    held = np.arange(n) if in_sample else np.arange(1, n, 2)
+    a2 = cal.alpha2(residuals[fit], variances[fit])
+    sigmas = np.sqrt(a2 * variances)
+    q = cal.conformal_quantile(np.abs(residuals[fit]) / sigmas[fit], CONFORMAL_MISCOVERAGE)
+    r, s = residuals[held], sigmas[held]
+    return {
+        "alpha2": float(a2),
+        "ence": float(cal.ence(r, s, n_bins=min(10, max(1, len(r) // 2)))),
+        "miscalibration_area": float(cal.miscalibration_area(r, s)),
+        "nll": float(cal.gaussian_nll(r, s)),
+        "spearman": float(cal.spearman(r, s)) if len(r) > 2 else float("nan"),
+        "conformal_quantile": float(q),
+        "conformal_coverage": float(cal.coverage(r, q * s)),
+        "n": int(n),
+        "in_sample": in_sample,
+    }
+
+
+@task(name="diagnostics", tags=["diagnostics"], cache_policy=NO_CACHE)
+def diagnostics(store_url: str, campaign_id: int, model_id: int, candidate_ids: list[int]) -> dict:
+    store = open_store(store_url)
+    train_ids = [int(i) for i in store.model(model_id).train_ids]
+    train = structure_features(store_url, model_id, train_ids)
+    hessian = Hessian.from_features(train)
+    test_ids = store.labelled_ids(campaign_id, role="test")
+    out: dict = {"regularizer": hessian.regularizer}
+    for name, ids in (("candidates", candidate_ids), ("test", test_ids)):
+        if not ids:
+            continue
+        out[f"pr_{name}"] = _quantiles(prediction_rigidity(hessian, structure_features(store_url, model_id, ids)))
+        atoms = np.concatenate(store.get_features(model_id, LAST_LAYER, ids))
+        out[f"lpr_{name}"] = _quantiles(local_prediction_rigidity(hessian, atoms))
+    if len(test_ids) >= 2:
+        ref = np.array([a.get_potential_energy() for a in store.get_labelled_atoms(test_ids)])
+        residuals = model_energies(store_url, model_id, test_ids) - ref
+        variances = hessian.variance(structure_features(store_url, model_id, test_ids))
+        out["calibration"] = calibration_report(residuals, variances)
+    return out

@@ -1,0 +1,54 @@
+"""Every registered selector drives a (tiny) campaign end to end, and diagnostics are stored."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from alforge.config import load_config
+from alforge.selectors import available
+from alforge.storage import Store
+from conftest import tiny_campaign
+
+pytestmark = pytest.mark.slow
+
+TARGETS = [{"generate": {"element": "Cu", "a": 3.61, "supercells": [[2, 1, 1]], "count": 2,
+                         "rattle": 0.12, "vacancies": 1, "seed": 7}}]
+SELECTORS = ["mig", "mig_local", "mmig", "qopt", "pr_augment", "dopt", "fps", "random"]
+
+
+def test_every_registered_selector_is_exercised():
+    assert set(available()) <= set(SELECTORS)
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+def test_campaign_with_selector(name, tmp_path, prefect_harness):
+    from alforge.flows.campaign import campaign
+
+    path = tiny_campaign(
+        tmp_path,
+        name=f"sel-{name.replace('_', '-')}",
+        selector={"name": name, "batch_size": 2, "params": {"threshold": 0.0} if name == "dopt" else {}},
+        targets=TARGETS,
+        mlip={"max_epochs": 3, "finetune_epochs": 2},
+        exploration={"walkers": 2, "steps": 9, "frame_interval": 3},
+    )
+    result = campaign(str(path))
+    assert not result["paused"]
+    store = Store(load_config(path).store)
+    cid = store.campaign_id(f"sel-{name.replace('_', '-')}")
+    it1, it2 = store.iterations(cid)
+    sel = store.selection_for_iteration(it1.id)
+    assert sel["selector"] == name
+    assert 1 <= len(sel["picked_ids"]) <= 2
+    assert len(set(sel["picked_ids"])) == len(sel["picked_ids"])
+    assert set(sel["picked_ids"]) <= set(sel["candidate_ids"])
+    assert set(sel["picked_ids"]) <= set(store.labelled_ids(cid, role="candidate"))
+    assert store.structure_ids(cid, role="target") and not store.labelled_ids(cid, role="target")
+    diag = json.loads(it1.summary_json)["diagnostics"]
+    assert diag["pr_candidates"]["q00"] > 0 and diag["lpr_test"]["q50"] > 0
+    cal = diag["calibration"]
+    assert cal["alpha2"] > 0 and 0 <= cal["conformal_coverage"] <= 1 and np.isfinite(cal["nll"])
+    assert "pr_test" in json.loads(it2.summary_json)["diagnostics"]
