@@ -80,6 +80,9 @@ class ExplorationConfig(_Strict):
     max_energy_change: float = Field(
         1.0, gt=0, description="stop when |E - E_start| per atom exceeds this (eV/atom): exploding dynamics"
     )
+    gamma_hi: float | None = Field(
+        None, gt=1, description="stop when the MaxVol extrapolation grade of a frame exceeds this (METHODS §3)"
+    )
 
     @field_validator("temperatures")
     @classmethod

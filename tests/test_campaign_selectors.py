@@ -33,7 +33,8 @@ def test_campaign_with_selector(name, tmp_path, prefect_harness):
         selector={"name": name, "batch_size": 2, "params": {"threshold": 0.0} if name == "dopt" else {}},
         targets=TARGETS,
         mlip={"max_epochs": 3, "finetune_epochs": 2},
-        exploration={"walkers": 2, "steps": 9, "frame_interval": 3},
+        exploration={"walkers": 2, "steps": 9, "frame_interval": 3,
+                     **({"gamma_hi": 1000.0} if name == "dopt" else {})},
     )
     result = campaign(str(path))
     assert not result["paused"]

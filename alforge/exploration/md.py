@@ -61,7 +61,11 @@ def run_walker(
     provenance: dict | None = None,
     extra_check: Callable[[Atoms], str | None] | None = None,
 ) -> Trajectory:
-    """One Langevin trajectory from ``start``; ``extra_check`` may stop it too (e.g. an extrapolation grade)."""
+    """One Langevin trajectory from ``start``.
+
+    ``extra_check`` (e.g. an extrapolation grade, which costs a model evaluation) may stop it too; it
+    runs at the steps where a frame would be recorded, so a rejected geometry is never kept.
+    """
     atoms = start.copy()
     atoms.calc = calculator
     rng = np.random.default_rng(seed)
@@ -85,12 +89,13 @@ def run_walker(
         traj.steps_run = step
         energy = float(atoms.get_potential_energy())
         reason = unphysical(atoms, energy, start_energy, settings)
-        if reason is None and extra_check is not None:
+        frame_step = step % settings.frame_interval == 0
+        if reason is None and extra_check is not None and frame_step:
             reason = extra_check(atoms)
         if reason:
             traj.stop_reason = f"step {step}: {reason}"
             break
-        if step % settings.frame_interval == 0:
+        if frame_step:
             frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
             frame.info.update(provenance or {})
             frame.info.update({"md_step": step, "temperature_K": settings.temperature_K, "md_energy": energy})

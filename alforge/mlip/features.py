@@ -148,9 +148,12 @@ def _scalar_columns(irreps: o3.Irreps) -> list[slice]:
 
 
 def compute_features(
-    model_path: Path, atoms_list: Sequence[Atoms], device: str = "auto", batch_size: int = 16
+    model_path: Path | torch.nn.Module, atoms_list: Sequence[Atoms], device: str = "auto", batch_size: int = 16
 ) -> list[AtomFeatures]:
     """Last-layer and invariant features of every structure, one :class:`AtomFeatures` each, in order.
+
+    ``model_path`` may also be a model already loaded with :func:`load_model` (on ``device``), so a
+    caller that featurizes repeatedly (an MD run grading every frame) loads it once.
 
     Batched through mace's DataLoader with graphs built per batch (so memory stays bounded for large
     candidate pools), under ``torch.no_grad()`` with ``compute_force=False``, on ``device`` (``'auto'``:
@@ -159,7 +162,7 @@ def compute_features(
     if not atoms_list:
         return []
     resolved = resolve_device(device)
-    model = load_model(model_path, resolved)
+    model = model_path if isinstance(model_path, torch.nn.Module) else load_model(model_path, resolved)
     z_table = model_z_table(model)
     check_elements(atoms_list, z_table, "feature", str(model_path))
     blocks = _blocks(model)

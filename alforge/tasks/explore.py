@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
+from ase import Atoms
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
@@ -10,6 +14,23 @@ from prefect.logging import get_run_logger
 from alforge.config import ExplorationConfig
 from alforge.exploration.md import MDSettings, run_walker
 from alforge.tasks.common import open_store
+from alforge.tasks.featurize import atom_features, ensure_features
+
+
+def _gamma_check(store_url: str, model_id: int, gamma_hi: float) -> Callable[[Atoms], str | None]:
+    """Active sets from the model's own training atoms, and a per-frame γ check against them."""
+    from alforge.exploration.extrapolation import gamma_check
+    from alforge.mlip.mace_model import load_model
+    from alforge.selectors.dopt import active_set_inverses
+
+    store = open_store(store_url)
+    model = store.model(model_id)
+    train_ids = [int(i) for i in model.train_ids]
+    ensure_features(store_url, model_id, train_ids)
+    rows, _ = atom_features(store_url, model_id, train_ids)
+    numbers = np.concatenate([a.numbers for a in store.get_atoms(train_ids)])
+    inverses = {int(z): inv for z, inv in active_set_inverses(rows, numbers).items()}
+    return gamma_check(load_model(Path(model.path)), inverses, gamma_hi)
 
 
 @task(name="explore", tags=["explore"], cache_policy=NO_CACHE)
@@ -28,6 +49,7 @@ def explore(
     starts = [int(i) for i in rng.choice(model.train_ids, size=cfg.walkers, replace=len(model.train_ids) < cfg.walkers)]
     start_atoms = store.get_atoms(starts)
     calc = load_calculator(model.path)
+    check = _gamma_check(store_url, model_id, cfg.gamma_hi) if cfg.gamma_hi is not None else None
     logger = get_run_logger()
     frames, parents, provenance = [], [], []
     for walker, (start_id, atoms) in enumerate(zip(starts, start_atoms)):
@@ -43,7 +65,7 @@ def explore(
         )
         atoms.info.clear()
         walker_seed = int(rng.integers(2**31))
-        traj = run_walker(atoms, calc, settings, walker_seed, {"walker": walker, "model_id": model_id})
+        traj = run_walker(atoms, calc, settings, walker_seed, {"walker": walker, "model_id": model_id}, check)
         logger.info(
             "walker %d (T=%g K, from structure %d): %d steps, %d frames%s",
             walker, temperature, start_id, traj.steps_run, len(traj.frames),
