@@ -16,7 +16,11 @@ pytestmark = pytest.mark.slow
 
 TARGETS = [{"generate": {"element": "Cu", "a": 3.61, "supercells": [[2, 1, 1]], "count": 2,
                          "rattle": 0.12, "vacancies": 1, "seed": 7}}]
-SELECTORS = ["mig", "mig_local", "mmig", "qopt", "pr_augment", "dopt", "fps", "random"]
+SELECTORS = ["mig", "mig_local", "mmig", "qopt", "pr_augment", "dopt", "fps", "random", "committee"]
+PARAMS = {
+    "dopt": {"threshold": 0.0},
+    "committee": {"committee_size": 2, "sigma_lo": 0.0, "sigma_hi": 1e9, "order": "deviation"},
+}
 
 
 def test_every_registered_selector_is_exercised():
@@ -30,7 +34,7 @@ def test_campaign_with_selector(name, tmp_path, prefect_harness):
     path = tiny_campaign(
         tmp_path,
         name=f"sel-{name.replace('_', '-')}",
-        selector={"name": name, "batch_size": 2, "params": {"threshold": 0.0} if name == "dopt" else {}},
+        selector={"name": name, "batch_size": 2, "params": PARAMS.get(name, {})},
         targets=TARGETS,
         mlip={"max_epochs": 3, "finetune_epochs": 2},
         exploration={"walkers": 2, "steps": 9, "frame_interval": 3,
@@ -53,3 +57,7 @@ def test_campaign_with_selector(name, tmp_path, prefect_harness):
     cal = diag["calibration"]
     assert cal["alpha2"] > 0 and 0 <= cal["conformal_coverage"] <= 1 and np.isfinite(cal["nll"])
     assert "pr_test" in json.loads(it2.summary_json)["diagnostics"]
+    if name == "committee":
+        m1, m2 = store.models(cid)
+        assert len(store.committee_paths(m1.id)) == 1, "one extra member beside the model"
+        assert np.all(np.diff(sel["scores"]) <= 0), "ordered by decreasing force deviation"

@@ -17,6 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from alforge.config import CampaignConfig, LabellerConfig, load_config
 from alforge.flows.stopping import failure_budget_reason, remaining_budget, stop_reason
+from alforge.selectors import make_selector
 from alforge.tasks.common import open_store
 from alforge.tasks.diagnostics import diagnostics
 from alforge.tasks.explore import explore
@@ -24,7 +25,7 @@ from alforge.tasks.featurize import featurize
 from alforge.tasks.ingest import ingest_sources
 from alforge.tasks.label import label_outcomes, label_structure, labeller_identity
 from alforge.tasks.select import select_batch
-from alforge.tasks.train import evaluate_model, train_model
+from alforge.tasks.train import evaluate_model, train_committee, train_model
 
 
 @flow(name="label-batch")
@@ -114,6 +115,9 @@ def campaign(config_path: str) -> dict[str, Any]:
         featurize(url, model_id, candidates + watched, with_training_set=True)
         diag = diagnostics(url, cid, model_id, candidates)
         if reason is None:
+            committee = getattr(make_selector(cfg.selector.name, **cfg.selector.params), "committee_size", 0)
+            if committee:
+                train_committee(url, model_id, committee, cfg.mlip, str(cfg.workdir))
             budget = remaining_budget(cfg.stopping, cfg.selector.batch_size, selected_so_far)
             selector_cfg = cfg.selector.model_copy(update={"batch_size": budget})
             last_selection = select_batch(url, cid, iteration_id, model_id, selector_cfg, calculator, params_hash)

@@ -174,3 +174,18 @@ class LabelAttempt(Base):
     decision: Mapped[str | None] = mapped_column(String(20), nullable=True)
     decision_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CommitteeMember(Base):
+    """An extra model of a committee (query by committee): same data as ``model_id``, another seed."""
+
+    __tablename__ = "committee_members"
+    __table_args__ = (UniqueConstraint("model_id", "member"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    member: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    metrics_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

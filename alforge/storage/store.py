@@ -57,6 +57,7 @@ class ModelInfo:
     path: str
     train_ids: np.ndarray
     metrics: dict[str, Any]
+    parent_model_id: int | None = None
 
 
 def _now() -> datetime:
@@ -516,7 +517,9 @@ class Store:
             row.metrics_json = json.dumps(merged)
 
     def _model_info(self, row: models.Model, index: int) -> ModelInfo:
-        return ModelInfo(row.id, index, row.path, _ids(row.train_ids), json.loads(row.metrics_json or "{}"))
+        return ModelInfo(
+            row.id, index, row.path, _ids(row.train_ids), json.loads(row.metrics_json or "{}"), row.parent_model_id
+        )
 
     def model_for_iteration(self, iteration_id: int) -> ModelInfo | None:
         with self.session() as s:
@@ -545,6 +548,22 @@ class Store:
                 .where(models.Model.id == model_id)
             ).one()
             return self._model_info(m, index)
+
+    def add_committee_member(self, model_id: int, member: int, seed: int, path: str, metrics: dict[str, Any]) -> None:
+        with self.session() as s, s.begin():
+            s.add(models.CommitteeMember(
+                model_id=model_id, member=member, seed=seed, path=path, metrics_json=json.dumps(metrics)
+            ))
+
+    def committee_paths(self, model_id: int) -> dict[int, str]:
+        """``{member: path}`` of the extra committee models trained beside ``model_id``."""
+        with self.session() as s:
+            rows = s.execute(
+                select(models.CommitteeMember.member, models.CommitteeMember.path)
+                .where(models.CommitteeMember.model_id == model_id)
+                .order_by(models.CommitteeMember.member)
+            )
+            return {m: p for m, p in rows}
 
     # ---------------------------------------------------------------- features
     def put_features(

@@ -47,6 +47,14 @@ def select_batch(
         train_ids = [int(i) for i in store.model(model_id).train_ids]
         selector = make_selector(cfg.name, **cfg.params)
         context: dict = {}
+        committee = getattr(selector, "committee_size", 0)
+        if committee and candidates:
+            from alforge.mlip.committee import max_force_deviation
+
+            paths = [store.model(model_id).path, *store.committee_paths(model_id).values()]
+            if len(paths) < committee:
+                raise RuntimeError(f"model {model_id} has {len(paths)} committee models, selector needs {committee}")
+            context["force_deviation"] = max_force_deviation(paths[:committee], store.get_atoms(candidates))
         if selector.needs_targets:
             target_ids = store.structure_ids(campaign_id, role="target")
             context["targets"] = structure_features(store_url, model_id, target_ids)

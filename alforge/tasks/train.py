@@ -57,6 +57,32 @@ def train_model(
     )
 
 
+@task(name="train-committee", tags=["train"], cache_policy=NO_CACHE)
+def train_committee(store_url: str, model_id: int, size: int, params: MACEParams, workdir: str) -> list[str]:
+    """Paths of the model's committee (itself first), training the missing members: same data,
+    seeds ``params.seed + m``, each continuing from the previous iteration's member ``m``."""
+    from alforge.mlip.mace_model import train_mace
+
+    store = open_store(store_url)
+    model = store.model(model_id)
+    members = store.committee_paths(model_id)
+    previous = {}
+    if model.parent_model_id is not None:
+        previous = store.committee_paths(model.parent_model_id)
+    atoms = None
+    for m in range(1, size):
+        if m in members:
+            continue
+        atoms = atoms or store.get_labelled_atoms([int(i) for i in model.train_ids])
+        out = Path(workdir) / "models" / f"iteration-{model.iteration_index:03d}.member-{m}.model"
+        init = Path(previous[m]) if m in previous and Path(previous[m]).exists() else None
+        seed = params.seed + m
+        result = train_mace(atoms, params.model_copy(update={"seed": seed}), out, init_model=init)
+        store.add_committee_member(model_id, m, seed, str(out), result.metrics)
+        members[m] = str(out)
+    return [model.path] + [members[m] for m in range(1, size)]
+
+
 @task(name="evaluate", tags=["evaluate"], cache_policy=NO_CACHE)
 def evaluate_model(store_url: str, campaign_id: int, model_id: int) -> dict[str, float]:
     """Errors on the held-out test set, stored with the model as ``test_*`` metrics."""
