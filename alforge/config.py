@@ -159,6 +159,16 @@ class LabellerConfig(_Strict):
         return kwargs
 
 
+class UncertaintyConfig(_Strict):
+    """The last-layer Hessian behind the per-iteration PR/LPR/CPR and calibration diagnostics (METHODS §2)."""
+
+    regularizer: float = Field(1e-3, gt=0, description="ς in H = λ_E Σ f_s f_sᵀ + λ_F Σ JᵀJ + ς² I")
+    energy_weight: float = Field(1.0, ge=0, description="λ_E")
+    force_weight: float = Field(
+        0.0, ge=0, description="λ_F; > 0 adds the force term from feature Jacobians (one backward pass per feature)"
+    )
+
+
 class StoppingConfig(_Strict):
     max_iterations: int = Field(3, ge=1, description="models trained; labelling happens between them")
     label_budget: int | None = Field(None, ge=1, description="labels of selected candidates, all iterations")
@@ -181,6 +191,7 @@ class CampaignConfig(_Strict):
     exploration: ExplorationConfig = ExplorationConfig()
     selector: SelectorConfig = SelectorConfig()
     labeller: LabellerConfig = LabellerConfig()
+    uncertainty: UncertaintyConfig = UncertaintyConfig()
     stopping: StoppingConfig = StoppingConfig()
 
     @field_validator("name")

@@ -37,6 +37,7 @@ def test_campaign_with_selector(name, tmp_path, prefect_harness):
         selector={"name": name, "batch_size": 2, "params": PARAMS.get(name, {})},
         targets=TARGETS,
         mlip={"max_epochs": 3, "finetune_epochs": 2},
+        uncertainty={"force_weight": 1.0} if name == "mig" else {},
         exploration={"walkers": 2, "steps": 9, "frame_interval": 3,
                      **({"gamma_hi": 1000.0} if name == "dopt" else {})},
     )
@@ -56,7 +57,10 @@ def test_campaign_with_selector(name, tmp_path, prefect_harness):
     assert diag["pr_candidates"]["q00"] > 0 and diag["lpr_test"]["q50"] > 0
     cal = diag["calibration"]
     assert cal["alpha2"] > 0 and 0 <= cal["conformal_coverage"] <= 1 and np.isfinite(cal["nll"])
-    assert "pr_test" in json.loads(it2.summary_json)["diagnostics"]
+    diag2 = json.loads(it2.summary_json)["diagnostics"]
+    assert "pr_test" in diag2 and set(diag2["cpr_test"]) == {"readouts.0", "readouts.1"}
+    if name == "mig":  # this one runs with the energy+force Hessian
+        assert diag2["force_weight"] == 1.0
     if name == "committee":
         m1, m2 = store.models(cid)
         assert len(store.committee_paths(m1.id)) == 1, "one extra member beside the model"

@@ -183,3 +183,22 @@ def test_batched_features_match_one_by_one(trained: TrainResult, data: list[Atom
         np.testing.assert_allclose(b.invariant, s.invariant, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(b.e0, s.e0)
         assert b.energy == pytest.approx(s.energy, rel=1e-12)
+
+
+def test_feature_jacobians_match_finite_differences_and_forces(trained: TrainResult, data: list[Atoms]) -> None:
+    """∂f_s/∂r by autograd: central differences agree, and −J·w reproduces the model's forces."""
+    from alforge.mlip.features import feature_jacobians
+    from alforge.mlip.mace_model import load_calculator, load_model
+
+    atoms = data[0].copy()
+    (jac,) = feature_jacobians(trained.model_path, [atoms])
+    assert jac.shape[:2] == (len(atoms), 3)
+    h = 1e-5
+    plus, minus = atoms.copy(), atoms.copy()
+    plus.positions[1, 2] += h
+    minus.positions[1, 2] -= h
+    f_plus, f_minus = (compute_features(trained.model_path, [a])[0].last_layer.sum(0) for a in (plus, minus))
+    assert np.allclose(jac[1, 2], (f_plus - f_minus) / (2 * h), rtol=1e-5, atol=1e-7)
+    w, _ = last_layer_weights(load_model(trained.model_path))
+    atoms.calc = load_calculator(trained.model_path)
+    assert np.allclose(-jac @ w, atoms.get_forces(), atol=1e-8)

@@ -113,7 +113,7 @@ def campaign(config_path: str) -> dict[str, Any]:
         candidates = explore(url, cid, iteration_id, model_id, cfg.exploration, cfg.seed) if reason is None else []
         watched = store.labelled_ids(cid, role="test") + store.structure_ids(cid, role="target")
         featurize(url, model_id, candidates + watched, with_training_set=True)
-        diag = diagnostics(url, cid, model_id, candidates)
+        diag = diagnostics(url, cid, model_id, candidates, cfg.uncertainty)
         if reason is None:
             committee = getattr(make_selector(cfg.selector.name, **cfg.selector.params), "committee_size", 0)
             if committee:

@@ -19,7 +19,8 @@ the parameters the trainer actually updates.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from alforge.mlip.mace_model import (
     unlabelled_config,
 )
 
-__all__ = ["AtomFeatures", "compute_features", "last_layer_weights"]
+__all__ = ["AtomFeatures", "compute_features", "feature_jacobians", "last_layer_weights"]
 
 _SCALAR = o3.Irrep("0e")
 
@@ -147,29 +148,18 @@ def _scalar_columns(irreps: o3.Irreps) -> list[slice]:
     return [s for (_, irrep), s in zip(irreps, irreps.slices()) if irrep == _SCALAR]
 
 
-def compute_features(
-    model_path: Path | torch.nn.Module, atoms_list: Sequence[Atoms], device: str = "auto", batch_size: int = 16
-) -> list[AtomFeatures]:
-    """Last-layer and invariant features of every structure, one :class:`AtomFeatures` each, in order.
+@contextmanager
+def _hooked(model: torch.nn.Module) -> Iterator[Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
+    """Forward hooks on the readouts' energy-producing linears and the last product block.
 
-    ``model_path`` may also be a model already loaded with :func:`load_model` (on ``device``), so a
-    caller that featurizes repeatedly (an MD run grading every frame) loads it once.
-
-    Batched through mace's DataLoader with graphs built per batch (so memory stays bounded for large
-    candidate pools), under ``torch.no_grad()`` with ``compute_force=False``, on ``device`` (``'auto'``:
-    the GPU when there is one).
+    Yields a function that, after a forward pass, returns ``(last_layer, invariant)`` per atom: the
+    last-layer features with the ScaleShift scale and the path normalisation folded in (so
+    ``E = Σ_j w·f_j + Σ_j e0_j`` with ``w`` the raw readout weights), and the scalar channels after
+    the last product block.
     """
-    if not atoms_list:
-        return []
-    resolved = resolve_device(device)
-    model = model_path if isinstance(model_path, torch.nn.Module) else load_model(model_path, resolved)
-    z_table = model_z_table(model)
-    check_elements(atoms_list, z_table, "feature", str(model_path))
     blocks = _blocks(model)
-    scale, shift = _scale_shift(model)
-    atomic_energies = torch.atleast_2d(model.atomic_energies_fn.atomic_energies).T[:, 0].double().cpu().numpy()
+    scale, _ = _scale_shift(model)
     invariant_columns = _scalar_columns(model.products[-1].linear.irreps_out)
-
     captured: dict[str, torch.Tensor] = {}
 
     def capture_input(key: str):
@@ -184,34 +174,85 @@ def compute_features(
     linears = {id(b.linear): b.linear for b in blocks}
     handles = [linear.register_forward_pre_hook(capture_input(str(key))) for key, linear in linears.items()]
     handles.append(model.products[-1].register_forward_hook(capture_output))
-    results: list[AtomFeatures] = []
+
+    def read() -> tuple[torch.Tensor, torch.Tensor]:
+        last_layer = torch.cat(
+            [scale * b.path_weight * captured[str(id(b.linear))][:, b.in_slice] for b in blocks], dim=1
+        )
+        invariant = torch.cat([captured["invariant"][:, s] for s in invariant_columns], dim=1)
+        return last_layer, invariant
+
     try:
-        configs = [unlabelled_config(atoms) for atoms in atoms_list]
-        with default_dtype(model_dtype(model)), torch.no_grad():
-            for batch in iterate_batches(configs, z_table, float(model.r_max), batch_size):
-                batch = batch.to(resolved)
-                captured.clear()
-                output = model(batch.to_dict(), training=False, compute_force=False)
-                last_layer = torch.cat(
-                    [scale * b.path_weight * captured[str(id(b.linear))][:, b.in_slice] for b in blocks], dim=1
-                )
-                invariant = torch.cat([captured["invariant"][:, s] for s in invariant_columns], dim=1)
-                last_layer = last_layer.double().cpu().numpy()
-                invariant = invariant.double().cpu().numpy()
-                energies = output["energy"].double().cpu().numpy()
-                species = batch.node_attrs.argmax(dim=1).cpu().numpy()
-                ptr = batch.ptr.cpu().numpy()
-                for g in range(len(ptr) - 1):
-                    atoms_slice = slice(ptr[g], ptr[g + 1])
-                    results.append(
-                        AtomFeatures(
-                            last_layer=last_layer[atoms_slice],
-                            invariant=invariant[atoms_slice],
-                            energy=float(energies[g]),
-                            e0=atomic_energies[species[atoms_slice]] + shift,
-                        )
-                    )
+        yield read
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _prepared(model_path: Path | torch.nn.Module, atoms_list: Sequence[Atoms], device: str):
+    resolved = resolve_device(device)
+    model = model_path if isinstance(model_path, torch.nn.Module) else load_model(model_path, resolved)
+    z_table = model_z_table(model)
+    check_elements(atoms_list, z_table, "feature", str(model_path))
+    return resolved, model, z_table, [unlabelled_config(atoms) for atoms in atoms_list]
+
+
+def compute_features(
+    model_path: Path | torch.nn.Module, atoms_list: Sequence[Atoms], device: str = "auto", batch_size: int = 16
+) -> list[AtomFeatures]:
+    """Last-layer and invariant features of every structure, one :class:`AtomFeatures` each, in order.
+
+    ``model_path`` may also be a model already loaded with :func:`load_model` (on ``device``), so a
+    caller that featurizes repeatedly (an MD run grading every frame) loads it once.
+    Batched through mace's DataLoader with graphs built per batch (so memory stays bounded for large
+    candidate pools), under ``torch.no_grad()`` with ``compute_force=False``, on ``device`` (``'auto'``:
+    the GPU when there is one).
+    """
+    if not atoms_list:
+        return []
+    resolved, model, z_table, configs = _prepared(model_path, atoms_list, device)
+    _, shift = _scale_shift(model)
+    atomic_energies = torch.atleast_2d(model.atomic_energies_fn.atomic_energies).T[:, 0].double().cpu().numpy()
+    results: list[AtomFeatures] = []
+    with _hooked(model) as read, default_dtype(model_dtype(model)), torch.no_grad():
+        for batch in iterate_batches(configs, z_table, float(model.r_max), batch_size):
+            batch = batch.to(resolved)
+            output = model(batch.to_dict(), training=False, compute_force=False)
+            last_layer, invariant = (t.double().cpu().numpy() for t in read())
+            energies = output["energy"].double().cpu().numpy()
+            species = batch.node_attrs.argmax(dim=1).cpu().numpy()
+            ptr = batch.ptr.cpu().numpy()
+            for g in range(len(ptr) - 1):
+                atoms_slice = slice(ptr[g], ptr[g + 1])
+                results.append(
+                    AtomFeatures(
+                        last_layer=last_layer[atoms_slice],
+                        invariant=invariant[atoms_slice],
+                        energy=float(energies[g]),
+                        e0=atomic_energies[species[atoms_slice]] + shift,
+                    )
+                )
     return results
+
+
+def feature_jacobians(
+    model_path: Path | torch.nn.Module, atoms_list: Sequence[Atoms], device: str = "auto"
+) -> list[np.ndarray]:
+    """``∂f_s/∂r`` per structure as an ``(n_atoms, 3, d)`` array (the force term of the Hessian,
+    METHODS §2): ``−J·w`` are the model's forces. One backward pass per feature, so this is for
+    small ``d`` and modest training sets."""
+    if not atoms_list:
+        return []
+    resolved, model, z_table, configs = _prepared(model_path, atoms_list, device)
+    out: list[np.ndarray] = []
+    with _hooked(model) as read, default_dtype(model_dtype(model)), torch.enable_grad():
+        for batch in iterate_batches(configs, z_table, float(model.r_max), 1):
+            data = batch.to(resolved).to_dict()
+            model(data, training=False, compute_force=False)  # sets data["positions"].requires_grad_
+            f_s = read()[0].sum(dim=0)
+            rows = [
+                torch.autograd.grad(f_s[k], data["positions"], retain_graph=k + 1 < len(f_s))[0]
+                for k in range(len(f_s))
+            ]
+            out.append(torch.stack(rows, dim=-1).double().cpu().numpy())
+    return out

@@ -8,14 +8,22 @@ half, ENCE, miscalibration area, NLL, Spearman and conformal coverage on the oth
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from alforge.config import UncertaintyConfig
 from alforge.tasks.common import open_store
 from alforge.tasks.featurize import LAST_LAYER, model_energies, structure_features
 from alforge.uncertainty import calibration as cal
-from alforge.uncertainty.rigidity import Hessian, local_prediction_rigidity, prediction_rigidity
+from alforge.uncertainty.rigidity import (
+    Hessian,
+    component_prediction_rigidity,
+    local_prediction_rigidity,
+    prediction_rigidity,
+)
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 CONFORMAL_MISCOVERAGE = 0.1
@@ -51,20 +59,46 @@ def calibration_report(residuals: np.ndarray, variances: np.ndarray) -> dict[str
     }
 
 
-@task(name="diagnostics", tags=["diagnostics"], cache_policy=NO_CACHE)
-def diagnostics(store_url: str, campaign_id: int, model_id: int, candidate_ids: list[int]) -> dict:
+def model_hessian(store_url: str, model_id: int, cfg: UncertaintyConfig) -> Hessian:
+    """``H`` of the model's training set; with ``force_weight`` the force term from feature Jacobians."""
     store = open_store(store_url)
-    train_ids = [int(i) for i in store.model(model_id).train_ids]
-    train = structure_features(store_url, model_id, train_ids)
-    hessian = Hessian.from_features(train)
+    model = store.model(model_id)
+    train_ids = [int(i) for i in model.train_ids]
+    jacobians = None
+    if cfg.force_weight > 0:
+        from alforge.mlip.features import feature_jacobians
+
+        jacobians = feature_jacobians(Path(model.path), store.get_atoms(train_ids))
+    return Hessian.from_features(
+        structure_features(store_url, model_id, train_ids),
+        regularizer=cfg.regularizer,
+        energy_weight=cfg.energy_weight,
+        force_jacobians=jacobians,
+        force_weight=cfg.force_weight,
+    )
+
+
+@task(name="diagnostics", tags=["diagnostics"], cache_policy=NO_CACHE)
+def diagnostics(
+    store_url: str, campaign_id: int, model_id: int, candidate_ids: list[int], cfg: UncertaintyConfig
+) -> dict:
+    from alforge.mlip.features import last_layer_weights
+    from alforge.mlip.mace_model import load_model
+
+    store = open_store(store_url)
+    hessian = model_hessian(store_url, model_id, cfg)
     test_ids = store.labelled_ids(campaign_id, role="test")
-    out: dict = {"regularizer": hessian.regularizer}
+    out: dict = {"regularizer": cfg.regularizer, "energy_weight": cfg.energy_weight, "force_weight": cfg.force_weight}
     for name, ids in (("candidates", candidate_ids), ("test", test_ids)):
         if not ids:
             continue
         out[f"pr_{name}"] = _quantiles(prediction_rigidity(hessian, structure_features(store_url, model_id, ids)))
         atoms = np.concatenate(store.get_features(model_id, LAST_LAYER, ids))
         out[f"lpr_{name}"] = _quantiles(local_prediction_rigidity(hessian, atoms))
+    if test_ids:  # CPR of each MACE readout block: which layer's features the test set lacks
+        _, blocks = last_layer_weights(load_model(Path(store.model(model_id).path)))
+        cpr = component_prediction_rigidity(hessian, structure_features(store_url, model_id, test_ids), blocks)
+        out["cpr_test"] = {name: _quantiles(values) for name, values in cpr.items()}
     if len(test_ids) >= 2:
         ref = np.array([a.get_potential_energy() for a in store.get_labelled_atoms(test_ids)])
         residuals = model_energies(store_url, model_id, test_ids) - ref
