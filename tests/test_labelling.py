@@ -416,3 +416,22 @@ def test_implausible_forces_are_classified():
     assert info.value.failure_class is FailureClass.IMPLAUSIBLE
     assert PROVENANCE_KEYS <= set(info.value.metadata)
 
+
+
+@pytest.mark.slow
+def test_secret_from_a_prefect_block_reaches_the_code_and_nothing_else(fake_code, tmp_path, prefect_harness):
+    from prefect.blocks.system import Secret
+
+    Secret(value=SECRET).save("alforge-test-licence", overwrite=True)
+    env = {"LM_LICENSE_FILE": "$secret:alforge-test-licence"}
+    script = "import os, sys; s = os.environ['LM_LICENSE_FILE']; print('licence', s); sys.exit('licence ' + s + ' rejected')"
+    failing = ExternalLabeller([sys.executable, "-c", script], input_format="extxyz", output_format="extxyz",
+                               env=env, scratch_root=tmp_path / "s")
+    with pytest.raises(LabelFailure) as info:
+        failing.label(_cu())
+    assert "licence ***" in info.value.output_tail, "the code saw the block's value, scrubbed in the tail"
+    assert SECRET not in info.value.output_tail + info.value.message
+    missing = ExternalLabeller([sys.executable, "-c", "pass"], input_format="extxyz", output_format="extxyz",
+                               env={"X": "$secret:no-such-block"}, scratch_root=tmp_path / "s")
+    with pytest.raises(LabelFailure, match="Secret block 'no-such-block'"):
+        missing.label(_cu())

@@ -42,6 +42,7 @@ from alforge.labelling.base import (
 
 #: Prefix marking an environment value as a reference to the caller's environment (a secret).
 ENV_REFERENCE = "$env:"
+SECRET_REFERENCE = "$secret:"  # a Prefect Secret block, by name
 #: How many trailing lines of a code's output are kept with a failure.
 TAIL_LINES = 40
 #: Grace period between SIGTERM and SIGKILL when a job is stopped.
@@ -72,12 +73,26 @@ def structure_digest(atoms: Atoms) -> str:
     return h.hexdigest()[:16]
 
 
+def _secret_block(name: str, key: str, context: str) -> str:
+    from prefect.blocks.system import Secret  # only campaigns that use Prefect blocks need it here
+
+    try:
+        return str(Secret.load(name).get())
+    except Exception as exc:
+        raise LabelFailure(
+            FailureClass.CRASH,
+            f"{context}: Prefect Secret block {name!r} referenced by env[{key!r}] cannot be read "
+            f"({type(exc).__name__})",
+        ) from None
+
+
 def resolve_env(env: Mapping[str, str] | None, context: str) -> tuple[dict[str, str], list[str]]:
-    """Resolve ``"$env:NAME"`` references against ``os.environ``; return (values, secrets).
+    """Resolve ``"$env:NAME"`` (environment) and ``"$secret:NAME"`` (Prefect Secret block) references;
+    return (values, secrets).
 
     Resolution happens at run time, on the host that runs the code, so a licence server address or a
-    token never has to be written into a campaign file. A missing variable is a failure of this job
-    (``CRASH``, never retried) whose message names the variable and the key that referenced it.
+    token never has to be written into a campaign file. A missing variable or block is a failure of
+    this job (``CRASH``, never retried) whose message names it and the key that referenced it.
     """
     resolved: dict[str, str] = {}
     secrets: list[str] = []
@@ -91,6 +106,10 @@ def resolve_env(env: Mapping[str, str] | None, context: str) -> tuple[dict[str, 
                     f"{context}: environment variable {name!r} referenced by env[{key!r}] is not set",
                 )
             value = os.environ[name]
+            if value:
+                secrets.append(value)
+        elif value.startswith(SECRET_REFERENCE):
+            value = _secret_block(value[len(SECRET_REFERENCE):], key, context)
             if value:
                 secrets.append(value)
         resolved[key] = value
