@@ -30,8 +30,9 @@ from alforge.uncertainty.rigidity import DEFAULT_REGULARIZER, Hessian, iter_chun
 
 
 class _TargetAwareSelector(Selector):
-    needs_targets = True
     """Shared greedy loop; subclasses define :meth:`_scores`."""
+
+    needs_targets = True
 
     def __init__(self, regularizer: float = DEFAULT_REGULARIZER, weight: float = 1.0) -> None:
         self.regularizer = regularizer
