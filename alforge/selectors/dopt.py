@@ -16,14 +16,13 @@ and one ``i?amax`` each), so a swap costs one read-and-write of the ``d × n`` c
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy.linalg import LinAlgWarning, lu_factor, lu_solve
-from scipy.linalg.blas import dger, idamax
+from scipy.linalg.blas import dger, idamax, isamax, sger
 
 from alforge.selectors import register
 from alforge.selectors.base import Selection, Selector, check_budget, check_features
@@ -72,7 +71,7 @@ def maxvol(
     can grow ``|det A|`` by more than ``tol`` (> 1). ``start`` gives the initial rows (default: LU
     pivots); ``max_swaps`` (default 100·d) is a guard: every swap grows ``|det A|`` by > ``tol``,
     so the loop ends, but ``tol`` barely above 1 can take many swaps.
-    Memory: one d × n float64 coefficient matrix.
+    Memory: one d × n coefficient matrix (float32 while swapping, then float64 to verify).
     """
     f = check_features("features", features)
     n, d = f.shape
@@ -84,7 +83,7 @@ def maxvol(
         )
     if start is None:
         # The start only has to be good, not exact: pivots from a float32 LU cost a quarter of
-        # a float64 one here. Coefficients, swaps and the stopping test are all float64.
+        # a float64 one here. The stopping test is always made on float64 coefficients.
         _, pivots = lu_factor(np.asarray(f, dtype=np.float32), check_finite=False)
         order = np.arange(n)
         for k, p in enumerate(pivots):
@@ -94,19 +93,35 @@ def maxvol(
         rows = np.asarray(start, dtype=np.int64).copy()
         if rows.shape != (d,) or len(np.unique(rows)) != d or rows.min() < 0 or rows.max() >= n:
             raise ValueError(f"start must hold {d} distinct row indices of features, got {start!r}")
+    limit = 100 * d if max_swaps is None else max_swaps
+    n_swaps = 0
+    # The swap pass is memory-bound BLAS-2 over a d × n coefficient matrix. Swapping first in
+    # float32 halves that traffic; the float64 pass that follows recomputes the coefficients from
+    # the rows reached, checks every one against `tol` exactly and swaps further if rounding left
+    # any above it, so the result carries the same guarantee as an all-float64 run.
+    for dtype, ger, iamax in ((np.float32, sger, isamax), (np.float64, dger, idamax)):
+        with single_threaded_blas():
+            lu, piv = _lu_or_raise("features", np.asarray(f[rows], dtype=np.float64))
+            a_inv = lu_solve((lu, piv), np.eye(d), check_finite=False)
+        # coef[:, j] = (f_j A⁻¹)ᵀ: one GEMM, whose C-order (n, d) result is the Fortran-order
+        # (d, n) layout the swaps need (column chunks contiguous for ger and i?amax).
+        coef = (np.asarray(f, dtype=dtype) @ a_inv.astype(dtype)).T
+        done, converged = _swaps(coef, rows, tol, limit - n_swaps, ger, iamax)
+        n_swaps += done
     with single_threaded_blas():
-        lu, piv = _lu_or_raise("features", np.asarray(f[rows], dtype=np.float64))
-        a_inv = lu_solve((lu, piv), np.eye(d), check_finite=False)
+        lu, _ = _lu_or_raise("features", np.asarray(f[rows], dtype=np.float64))
     log_abs_det = float(np.sum(np.log(np.abs(np.diag(lu)))))
-    # coef[:, j] = (f_j A⁻¹)ᵀ: one GEMM, whose C-order (n, d) result is the Fortran-order (d, n)
-    # layout the swaps need (column chunks contiguous for ger and i?amax).
-    coef = (np.asarray(f, dtype=np.float64) @ a_inv).T
-    step = max(1, _SWAP_CHUNK_BYTES // (8 * d))
+    return MaxVolResult(rows, log_abs_det, n_swaps, converged)
+
+
+def _swaps(coef: np.ndarray, rows: np.ndarray, tol: float, limit: int, ger, iamax) -> tuple[int, bool]:
+    """Greedy swaps in place (``rows`` too) until every ``|coef| ≤ tol``; (swaps made, converged)."""
+    d, n = coef.shape
+    step = max(1, _SWAP_CHUNK_BYTES // (coef.itemsize * d))
     chunks = [slice(s, min(s + step, n)) for s in range(0, n, step)]
-    # The swap pass is memory-bound BLAS-2 on cache-sized chunks: one thread is as fast.
+    # Memory-bound BLAS-2 on cache-sized chunks: one thread is as fast.
     with single_threaded_blas():
-        i, j = _argmax_abs(coef, chunks)
-        limit = 100 * d if max_swaps is None else max_swaps
+        i, j = _argmax_abs(coef, chunks, iamax)
         n_swaps = 0
         while abs(coef[i, j]) > tol and n_swaps < limit:
             pivot = coef[i, j]
@@ -114,27 +129,26 @@ def maxvol(
             column[i] -= 1.0
             row = coef[i, :].copy()
             rows[i] = j
-            log_abs_det += math.log(abs(pivot))
             n_swaps += 1
             # coef ← coef − (c_j − e_i) coef[i, :] / pivot, fused with the search for the next max.
             best, i, j = -1.0, 0, 0
             for cols in chunks:
                 block = coef[:, cols]
-                dger(-1.0 / pivot, column, row[cols], a=block, overwrite_a=True)
+                ger(-1.0 / pivot, column, row[cols], a=block, overwrite_a=True)
                 flat = block.ravel(order="F")
-                k = int(idamax(flat))
+                k = int(iamax(flat))
                 if abs(flat[k]) > best:
                     best, i, j = abs(flat[k]), k % d, cols.start + k // d
-    return MaxVolResult(rows, log_abs_det, n_swaps, bool(abs(coef[i, j]) <= tol))
+        return n_swaps, bool(abs(coef[i, j]) <= tol)
 
 
-def _argmax_abs(coef: np.ndarray, chunks: list[slice]) -> tuple[int, int]:
+def _argmax_abs(coef: np.ndarray, chunks: list[slice], iamax) -> tuple[int, int]:
     """(position, row) of the largest ``|coef|`` entry."""
     d = coef.shape[0]
     best, i, j = -1.0, 0, 0
     for cols in chunks:
         flat = coef[:, cols].ravel(order="F")
-        k = int(idamax(flat))
+        k = int(iamax(flat))
         if abs(flat[k]) > best:
             best, i, j = abs(flat[k]), k % d, cols.start + k // d
     return i, j
