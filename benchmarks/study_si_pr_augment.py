@@ -5,7 +5,7 @@ rigidity cut the error on those targets, where randomly chosen ones do not?
 
 Protocol
 --------
-* Data: ``/work/shared/data/si_mlearn_zuo2020`` (VASP PBE), read in place. ``Si_train.xyz`` frame i is
+* Data: ``shared/data/si_mlearn_zuo2020`` beside the repository (VASP PBE), read in place. ``Si_train.xyz`` frame i is
   ``training.json.xz`` entry i (``group`` ∈ AIMD-NVT, Vacancy, Elastic, Surface); the same for the
   test files. Energies from ``calc.results['energy']``, forces from the array ``force``.
 * Initial training set: 15 Elastic + 15 AIMD-NVT structures of ``Si_train`` (random, seed 0), all 64 atoms.
@@ -85,7 +85,8 @@ from alforge.uncertainty.rigidity import (
     prediction_rigidity,
 )
 
-DATA = Path("/work/shared/data/si_mlearn_zuo2020")
+# the shared/ folder sits beside the repository checkout
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "si_mlearn_zuo2020"
 CACHE = Path("/tmp/alforge_si_pr_augment")
 KS = (0, 1, 2, 4, 8)
 BUDGET = max(KS)
