@@ -17,6 +17,7 @@ from mace.calculators import MACECalculator
 from alforge.cli import main
 from alforge.config import load_config
 from alforge.storage import Store
+from alforge.storage import models as orm
 from alforge.storage.atoms_codec import canonical_hash
 from conftest import TESTS, tiny_campaign
 
@@ -64,7 +65,8 @@ def test_campaign_stores_every_step(finished_campaign):
     assert store.label_counts(cid) == {"done": 6 + 4 + 3}
     # MD provenance: walker, step, temperature and the model that drove it
     (frame,) = store.get_atoms(candidates[:1])
-    prov = store.session().get(__import__("alforge.storage.models", fromlist=["x"]).Structure, candidates[0])
+    with store.session() as s:
+        prov = s.get(orm.Structure, candidates[0])
     assert "walker" in prov.provenance_json and prov.parent_id in seeds
     assert frame.info["md_step"] % 3 == 0
 

@@ -16,6 +16,7 @@ import pytest
 from alforge.config import load_config
 from alforge.labelling.registry import make_labeller
 from alforge.storage import Store
+from alforge.storage import models as orm
 from conftest import tiny_campaign
 
 pytestmark = pytest.mark.slow
@@ -105,7 +106,8 @@ def test_campaign_survives_every_failure_class(tmp_path, prefect_harness):
         offered = set(int(i) for i in sel["candidate_ids"])
         for sid in offered & quarantined:
             quarantined_at = max(a.created_at for a in store.attempts(labels[sid].id))
-            created = store.session().get(__import__("alforge.storage.models", fromlist=["m"]).Selection, sel["id"]).created_at
+            with store.session() as s:
+                created = s.get(orm.Selection, sel["id"]).created_at
             assert created < quarantined_at, f"quarantined structure {sid} was offered again"
 
 
