@@ -8,7 +8,7 @@ import time
 
 from ase.calculators.emt import EMT
 
-from alforge.storage.atoms_codec import canonical_hash
+from alforge.structure_hash import canonical_hash
 
 
 class SlowLoggingEMT(EMT):

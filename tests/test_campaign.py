@@ -18,7 +18,7 @@ from alforge.cli import main
 from alforge.config import load_config
 from alforge.storage import Store
 from alforge.storage import models as orm
-from alforge.storage.atoms_codec import canonical_hash
+from alforge.structure_hash import canonical_hash
 from conftest import TESTS, tiny_campaign
 
 pytestmark = pytest.mark.slow
@@ -102,8 +102,13 @@ def test_status_and_export(finished_campaign, tmp_path, capsys):
         ref = stored[canonical_hash(frame)]
         assert frame.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-9)
         assert np.allclose(frame.get_forces(), ref.get_forces(), atol=1e-9)
-    calc = MACECalculator(model_paths=str(model_file), device="cpu", default_dtype="float64")
-    assert calc is not None
+    # the copied file is the latest model: it predicts exactly what the stored one does
+    probe = frames[0].copy()
+    energies = []
+    for path in (model_file, store.models(cid)[-1].path):
+        probe.calc = MACECalculator(model_paths=str(path), device="cpu", default_dtype="float64")
+        energies.append(probe.get_potential_energy())
+    assert energies[0] == energies[1]
 
 
 def test_import_labelled_dataset_as_seeds(tmp_path, prefect_harness):

@@ -15,7 +15,6 @@ scratch-directory retention behave identically for every code:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import shutil
@@ -39,6 +38,7 @@ from alforge.labelling.base import (
     params_hash,
     provenance_metadata,
 )
+from alforge.structure_hash import canonical_hash
 
 #: Prefix marking an environment value as a reference to the caller's environment (a secret).
 ENV_REFERENCE = "$env:"
@@ -60,17 +60,9 @@ def default_scratch_root() -> Path:
 
 
 def structure_digest(atoms: Atoms) -> str:
-    """A short stable digest of numbers, positions, cell and pbc (rounded to 1e-8 Å).
-
-    Used to name scratch directories and by deterministic fault-injection rules, so the same
-    structure maps to the same digest in every process and on every host.
-    """
-    h = hashlib.sha256()
-    h.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
-    h.update(np.round(np.asarray(atoms.positions, dtype=float), 8).tobytes())
-    h.update(np.round(np.asarray(atoms.cell[:], dtype=float), 8).tobytes())
-    h.update(np.asarray(atoms.pbc, dtype=bool).tobytes())
-    return h.hexdigest()[:16]
+    """The first 16 hex digits of the store's canonical hash: names scratch directories and drives
+    deterministic fault-injection rules, the same in every process and on every host."""
+    return canonical_hash(atoms)[:16]
 
 
 def _secret_block(name: str, key: str, context: str) -> str:

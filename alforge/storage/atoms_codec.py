@@ -1,4 +1,4 @@
-"""Exact round-trip of ``ase.Atoms`` to database columns, and the canonical structure hash.
+"""Exact round-trip of ``ase.Atoms`` to database columns (dedup key: :func:`canonical_hash`).
 
 ``info`` goes through ASE's own JSON codec (``ase.io.jsonio``), which keeps NumPy arrays and
 numbers exact; per-atom ``arrays`` beyond numbers/positions go into one ``.npz`` blob.
@@ -6,7 +6,6 @@ numbers exact; per-atom ``arrays`` beyond numbers/positions go into one ``.npz``
 
 from __future__ import annotations
 
-import hashlib
 import io
 from typing import Any
 
@@ -15,23 +14,9 @@ from ase import Atoms
 from ase.io.jsonio import decode as json_decode
 from ase.io.jsonio import encode as json_encode
 
-#: Positions and cell are rounded to this many decimals (Å) before hashing, so that a structure
-#: read back from a text format with float noise far below any physical meaning hashes the same.
-HASH_DECIMALS = 8
+from alforge.structure_hash import canonical_hash
 
 _CORE_ARRAYS = {"numbers", "positions"}
-
-
-def canonical_hash(atoms: Atoms) -> str:
-    """SHA-256 of atomic numbers, positions, cell and pbc (atom order is part of identity)."""
-    h = hashlib.sha256()
-    h.update(np.asarray(atoms.numbers, dtype="<i8").tobytes())
-    # +0.0 turns -0.0 into 0.0 so signed zeros hash alike
-    h.update((np.round(atoms.positions, HASH_DECIMALS) + 0.0).astype("<f8").tobytes())
-    h.update((np.round(np.asarray(atoms.cell), HASH_DECIMALS) + 0.0).astype("<f8").tobytes())
-    h.update(np.asarray(atoms.pbc, dtype="u1").tobytes())
-    return h.hexdigest()
-
 
 def atoms_to_columns(atoms: Atoms) -> dict[str, Any]:
     """Columns of the ``structures`` table for ``atoms`` (labels are stored separately)."""
