@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 TARGETS = [{"generate": {"element": "Cu", "a": 3.61, "supercells": [[2, 1, 1]], "count": 2,
                          "rattle": 0.12, "vacancies": 1, "seed": 7}}]
-SELECTORS = ["mig", "mig_local", "mmig", "qopt", "pr_augment", "dopt", "fps", "random", "committee"]
+SELECTORS = ["mig", "mmig", "qopt", "pr_augment", "dopt", "fps", "random", "committee"]
 PARAMS = {
     "dopt": {"threshold": 0.0},
     "committee": {"committee_size": 2, "sigma_lo": 0.0, "sigma_hi": 1e9, "order": "deviation"},

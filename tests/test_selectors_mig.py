@@ -1,4 +1,4 @@
-"""MIG and local MIG equal a brute-force greedy log-det loop (METHODS §3)."""
+"""MIG equals a brute-force greedy log-det loop (METHODS §3)."""
 
 from __future__ import annotations
 
@@ -35,38 +35,6 @@ def _brute_mig(
         scores.append(0.5 * np.log1p(lam * f @ np.linalg.solve(h, f)))
         picks.append(best)
         h += lam * np.outer(f, f)
-    return picks, scores
-
-
-def _brute_mig_local(
-    candidates: np.ndarray,
-    groups: np.ndarray,
-    train: np.ndarray | None,
-    budget: int,
-    sigma: float,
-    lam: float,
-) -> tuple[list[int], list[float]]:
-    d = candidates.shape[1]
-    h = sigma**2 * np.eye(d)
-    if train is not None:
-        h += lam * train.T @ train
-    ids = list(np.unique(groups))
-    picks: list[int] = []
-    scores: list[float] = []
-    for _ in range(min(budget, len(ids))):
-        best, best_gain = None, -np.inf
-        for s in ids:
-            if s in picks:
-                continue
-            fs = candidates[groups == s]
-            gain = 0.5 * (_logdet(h + lam * fs.T @ fs) - _logdet(h))
-            if gain > best_gain:
-                best, best_gain = s, gain
-        fs = candidates[groups == best]
-        direct = 0.5 * _logdet(np.eye(len(fs)) + lam * fs @ np.linalg.solve(h, fs.T))
-        scores.append(direct)
-        picks.append(int(best))
-        h += lam * fs.T @ fs
     return picks, scores
 
 
@@ -131,47 +99,20 @@ def test_mig_bad_shapes_name_the_array():
 
 
 def test_mig_registered_and_params_recorded():
-    assert {"mig", "mig_local"} <= set(available())
+    assert {"mig", "mig_label"} <= set(available())
+    assert "mig_local" not in available()
     assert make_selector("mig", regularizer=0.1).get_params() == {"regularizer": 0.1, "weight": 1.0}
 
 
-LOCAL_CASES = [
-    # (seed, n_structures, max_atoms, n_train_atoms, d, budget, sigma, lam)
-    (0, 15, 5, 30, 6, 6, 1e-3, 1.0),
-    (1, 12, 7, 3, 10, 5, 1e-3, 1.0),  # d > N_train atoms
-    (2, 10, 4, 0, 5, 10, 0.2, 0.7),  # train=None, budget = all structures
-]
+def test_mig_uses_given_hessian_instead_of_train():
+    from alforge.uncertainty.rigidity import Hessian
 
-
-@pytest.mark.parametrize("seed,n_s,max_atoms,n_train,d,budget,sigma,lam", LOCAL_CASES)
-def test_mig_local_equals_brute_force_greedy(seed, n_s, max_atoms, n_train, d, budget, sigma, lam):
-    rng = np.random.default_rng(seed)
-    sizes = rng.integers(1, max_atoms + 1, size=n_s)
-    ids = rng.permutation(np.arange(100, 100 + n_s))  # arbitrary, non-contiguous structure ids
-    groups = rng.permutation(np.repeat(ids, sizes))  # atom rows interleaved across structures
-    candidates = rng.normal(size=(len(groups), d)) * rng.uniform(0.3, 2.0, size=(len(groups), 1))
-    train = rng.normal(size=(n_train, d)) if n_train else None
-    selection = make_selector("mig_local", regularizer=sigma, weight=lam).select(
-        candidates, budget, train=train, groups=groups
-    )
-    picks, scores = _brute_mig_local(candidates, groups, train, budget, sigma, lam)
-    assert selection.indices.tolist() == picks
-    np.testing.assert_allclose(selection.scores, scores, rtol=1e-8, atol=1e-10)
-
-
-def test_mig_local_single_atom_structures_equal_mig():
-    rng = np.random.default_rng(3)
-    candidates = rng.normal(size=(40, 6))
-    train = rng.normal(size=(10, 6))
-    local = make_selector("mig_local").select(candidates, 8, train=train, groups=np.arange(40))
-    plain = make_selector("mig").select(candidates, 8, train=train)
-    assert local.indices.tolist() == plain.indices.tolist()
-    np.testing.assert_allclose(local.scores, plain.scores, rtol=1e-9)
-
-
-def test_mig_local_needs_matching_groups():
-    mig_local = make_selector("mig_local")
-    with pytest.raises(ValueError, match="groups"):
-        mig_local.select(np.zeros((4, 3)), 2)
-    with pytest.raises(ValueError, match="groups"):
-        mig_local.select(np.zeros((4, 3)), 2, groups=np.arange(3))
+    rng = np.random.default_rng(11)
+    candidates, train = rng.normal(size=(50, 6)), rng.normal(size=(20, 6))
+    hessian = Hessian.from_features(train, regularizer=0.05, energy_weight=1.0)
+    given = make_selector("mig").select(candidates, 7, train=rng.normal(size=(3, 6)), hessian=hessian)
+    built = make_selector("mig", regularizer=0.05).select(candidates, 7, train=train)
+    assert given.indices.tolist() == built.indices.tolist()
+    np.testing.assert_allclose(given.scores, built.scores, rtol=1e-10)
+    with pytest.raises(ValueError, match="hessian"):
+        make_selector("mig").select(np.ones((4, 5)), 2, hessian=hessian)

@@ -1,6 +1,6 @@
 """Lazy greedy maximisation for scores that can only decrease as picks accumulate.
 
-MIG, local MIG and MaxDet scores are monotone non-increasing in the picks made so far (adding to
+MIG, label MIG and MaxDet scores are monotone non-increasing in the picks made so far (adding to
 ``H`` can only shrink ``fᵀH⁻¹f``; log det is submodular), so a score computed after fewer picks is a
 valid upper bound (METHODS §3, "lazy greedy"). Picking the candidate whose *fresh* score beats every
 other candidate's *stale* bound therefore gives exactly the plain greedy pick, while re-scoring only
@@ -38,11 +38,15 @@ def lazy_greedy(
     commit: Commit,
     first_block: int = 64,
     first_pool: int = 4096,
+    exact_initial: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Greedy picks without replacement under non-increasing scores.
 
-    ``initial_scores`` must be exact before any pick. Returns ``(picks, scores, n_refreshed)``:
-    candidate indices in pick order, each pick's exact score when picked, and how many candidate
+    ``initial_scores`` must be exact before any pick, or, with ``exact_initial=False``, upper
+    bounds of the exact scores (then every candidate is refreshed before it can be picked, and
+    ``refresh`` sees ``fresh_at = -1`` for scores that were never exact).
+
+    Returns ``(picks, scores, n_refreshed)``: candidate indices in pick order, each pick's exact score when picked, and how many candidate
     re-scorings were needed (a diagnostic: plain greedy would need about N per step).
 
     The search runs inside a *pool*, the ``first_pool`` candidates with the largest bounds, so a
@@ -52,7 +56,7 @@ def lazy_greedy(
     """
     bounds = np.array(initial_scores, dtype=np.float64)
     n = bounds.size
-    fresh_at = np.zeros(n, dtype=np.int64)
+    fresh_at = np.full(n, 0 if exact_initial else -1, dtype=np.int64)
     picks = np.empty(budget, dtype=np.int64)
     scores = np.empty(budget, dtype=np.float64)
     n_refreshed = 0

@@ -36,7 +36,37 @@ class Selection:
 
 
 class Selector:
-    """Base class: subclasses set ``name`` and implement :meth:`select`."""
+    """Base class: subclasses set ``name`` and implement :meth:`select`.
+
+    **Context** (keyword arguments of :meth:`select` beyond ``candidates``/``budget``/``train``;
+    each selector names what it needs and ignores the rest):
+
+    * ``hessian``: an :class:`alforge.uncertainty.rigidity.Hessian`, the loss-consistent
+      Gauss–Newton Hessian of the current model (energy, force and stress rows weighted as
+      trained, plus ``ς² I``; METHODS §2), computed once per model. Every ``H``-based selector
+      (``mig``, ``mig_label``, ``mmig``, ``qopt``, ``pr_augment``) uses it when given and then
+      ignores ``train`` and its own ``regularizer``; without it they build
+      ``H = ς² I + λ trainᵀtrain`` from ``train`` (standalone use, tests, benchmarks).
+    * ``label_rows``: a list of N 2-D arrays, ``R_c`` of shape ``(r_c, d)``, the compact factor of
+      candidate ``c``'s weighted energy + force (+ stress) rows ``G_c`` (``R_cᵀR_c = G_cᵀG_c``):
+      the information a DFT label of ``c`` actually adds to ``H``. ``mig_label`` scores by it;
+      ``mmig``/``qopt``/``pr_augment`` add the pick's block to ``H`` after each pick when given.
+    * ``targets`` / ``target_weights`` (target-aware selectors), ``groups`` / ``elements`` /
+      ``train_elements`` (per-atom selectors), ``force_deviation`` (committee).
+
+    **Scores and stopping.** ``Selection.scores`` are in the selector's own units, and
+    :meth:`informative` says how many picks of a batch count as informative for the campaign's
+    ``stopping.min_score`` / ``min_informative`` test:
+
+    * ``mig``, ``mig_label``, ``mmig``: information gain in nats, informative if ``≥ min_score``;
+    * ``qopt``: drop of the weighted target variance ``Σ p_u f_uᵀH⁻¹f_u`` (units of ``α²``);
+    * ``pr_augment``: gain of the averaged target rigidity (mean PR, mean log PR, or min PR);
+    * ``dopt``: extrapolation grade γ, informative if ``γ > threshold`` (γ_lo) when
+      ``min_score`` is unset (``None`` or ``≤ 0``), else if ``γ ≥ min_score``;
+    * ``fps``: Euclidean distance to the covered set, ``≥ min_score``;
+    * ``committee``: max force deviation (eV/Å) inside the trust window and ``≥ min_score``;
+    * ``random``: every pick is informative (random selection has no notion of information).
+    """
 
     name: str = ""
     #: what ``candidates``/``train`` rows are: "structure" (one row per structure) or
@@ -61,6 +91,16 @@ class Selector:
     ) -> Selection:
         raise NotImplementedError
 
+    def informative(self, scores: np.ndarray, min_score: float | None) -> int:
+        """How many of a batch's ``scores`` count as informative (units: see the class docstring).
+
+        The default: scores ``≥ min_score`` (all of them when ``min_score`` is ``None``).
+        """
+        scores = np.asarray(scores, dtype=np.float64)
+        if min_score is None:
+            return int(scores.size)
+        return int(np.count_nonzero(scores >= min_score))
+
 
 def check_features(name: str, array: np.ndarray | None, dim: int | None = None) -> np.ndarray | None:
     """Validate a 2-D finite feature array, naming it in the error."""
@@ -78,6 +118,18 @@ def check_features(name: str, array: np.ndarray | None, dim: int | None = None) 
         if not np.all(np.isfinite(array[start : start + step])):
             raise ValueError(f"{name} contains non-finite values")
     return array
+
+
+def check_hessian(hessian: Any, dim: int | None) -> Any:
+    """The ``hessian=`` context, checked: a ``Hessian``-like object of dimension ``dim``."""
+    if hessian is None:
+        return None
+    for attr in ("dim", "solve", "variance", "whiten", "cholesky", "matrix"):
+        if not hasattr(hessian, attr):
+            raise ValueError(f"hessian must be an alforge Hessian (it has no `{attr}`)")
+    if dim is not None and hessian.dim != dim:
+        raise ValueError(f"hessian has dimension {hessian.dim}, expected {dim}")
+    return hessian
 
 
 def check_budget(budget: int, n_candidates: int) -> int:

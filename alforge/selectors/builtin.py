@@ -1,3 +1,11 @@
 """Import every built-in selector module so each registers itself."""
 
-from alforge.selectors import committee, dopt, fps, mig, random_selector, target_aware  # noqa: F401
+from alforge.selectors import (  # noqa: F401
+    committee,
+    dopt,
+    fps,
+    label_mig,
+    mig,
+    random_selector,
+    target_aware,
+)
