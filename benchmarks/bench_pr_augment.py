@@ -86,7 +86,7 @@ def main() -> None:
                     t_ours,
                     t_theirs / t_ours,
                     f"{same}/{args.budget}",
-                    float(ours.scores[-1]),
+                    float(ours.info["objective"][-1]),
                 ],
             ],
         )

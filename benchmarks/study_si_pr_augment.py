@@ -309,7 +309,9 @@ def greedy_picks(
         run = selector.select(cand, k, train=train, **context).indices
         nested &= bool(np.array_equal(run, full.indices[:k]))
         picks[k] = np.asarray(run)
-    return picks, nested, np.asarray(full.scores), elapsed
+    # pr_augment scores are PR gains; its objective (mean target PR after each pick) is in info.
+    scores = full.info["objective"] if name == "pr_augment" else full.scores
+    return picks, nested, np.asarray(scores), elapsed
 
 
 def random_picks(seed: int, pool: np.ndarray) -> dict[int, np.ndarray]:
