@@ -75,38 +75,45 @@ def test_extrapolation_grade_is_max_abs_coefficient():
     )
 
 
+SPAN_TOL = 1e-6
+
+
+def _naive_active(pool, tol, start=None):
+    """Span basis by SVD, naive MaxVol in its coordinates, explicit inverse (dopt module doc)."""
+    d = pool.shape[1]
+    _, sing, vt = np.linalg.svd(pool, full_matrices=False)
+    r = int(np.sum(sing > SPAN_TOL * sing[0]))
+    basis = np.eye(d) if r == d else vt[:r].T
+    coords = pool @ basis
+    start = list(start) if start is not None and len(start) == r else _lu_rows(coords)
+    rows = _naive_maxvol(coords, tol, start)
+    active = pool[rows]
+    scale = SPAN_TOL * np.sqrt(np.mean(np.sum(active**2, axis=1)))
+    return active, basis, np.linalg.inv(coords[rows]), scale
+
+
+def _naive_grade(f, active_set):
+    _, basis, inverse, scale = active_set
+    y = f @ basis
+    return max(np.abs(y @ inverse).max(), np.linalg.norm(f - y @ basis.T) / scale)
+
+
 def _naive_dopt(cand, groups, elements, train, train_elements, budget, tol, threshold):
-    d = cand.shape[1]
-    active = {}
-    for e in np.unique(elements):
-        pool = train[train_elements == e]
-        active[e] = pool[_naive_maxvol(pool, tol, _lu_rows(pool))] if len(pool) >= d else pool
+    active = {e: _naive_active(train[train_elements == e], tol) for e in np.unique(elements)}
     ids = np.unique(groups)
     picks, scores = [], []
     for _ in range(min(budget, len(ids))):
-        grade = np.array(
-            [
-                np.abs(f @ np.linalg.inv(active[e])).max() if len(active[e]) == d else np.inf
-                for f, e in zip(cand, elements, strict=True)
-            ]
-        )
+        grade = np.array([_naive_grade(f, active[e]) for f, e in zip(cand, elements, strict=True)])
         best, best_grade = None, -np.inf
         for s in ids:
             g = grade[groups == s].max()
             if s not in picks and g > best_grade:
                 best, best_grade = s, g
-        if not best_grade > threshold:
-            break
-        picks.append(int(best))
+        picks.append(int(best))  # below the threshold too: the batch is filled
         scores.append(best_grade)
         for e in np.unique(elements[groups == best]):
-            pool = np.vstack([active[e], cand[(groups == best) & (elements == e)]])
-            if len(active[e]) == d:
-                active[e] = pool[_naive_maxvol(pool, tol, list(range(d)))]
-            elif len(pool) >= d:
-                active[e] = pool[_naive_maxvol(pool, tol, _lu_rows(pool))]
-            else:
-                active[e] = pool
+            pool = np.vstack([active[e][0], cand[(groups == best) & (elements == e)]])
+            active[e] = _naive_active(pool, tol, start=range(len(active[e][0])))
     return picks, scores
 
 
@@ -126,6 +133,8 @@ def test_dopt_equals_naive_reference(seed, n_train_b, threshold):
     picks, scores = _naive_dopt(cand, groups, elements, train, train_elements, 8, 1.01, threshold)
     assert selection.indices.tolist() == picks
     np.testing.assert_allclose(selection.scores, scores, rtol=1e-9)
+    assert np.all(np.isfinite(selection.scores)) and len(picks) == 8
+    assert selection.info["filled_below_threshold"] == int(np.sum(np.array(scores) <= threshold))
 
 
 def test_dopt_does_not_pick_a_copy_of_a_picked_structure():
@@ -136,9 +145,13 @@ def test_dopt_does_not_pick_a_copy_of_a_picked_structure():
     cand = np.vstack([outlier, outlier, rng.normal(size=(10, d))])
     groups = np.array([0, 0, 0, 1, 1, 1] + list(range(2, 12)))
     kw = dict(train=train, train_elements=np.zeros(50), groups=groups, elements=np.zeros(len(cand)))
-    selection = make_selector("dopt", threshold=1.01).select(cand, 12, **kw)
+    selection = make_selector("dopt", threshold=1.01, fill=False).select(cand, 12, **kw)
     assert selection.indices[0] in (0, 1)
     assert not {0, 1} <= set(selection.indices.tolist())
+    # filling the batch may take the copy, but only below the threshold (not informative)
+    filled = make_selector("dopt", threshold=1.01).select(cand, 12, **kw)
+    copy = filled.indices.tolist().index(1 - int(filled.indices[0]))
+    assert filled.scores[copy] <= 1.01 and len(filled.indices) == 12
 
 
 def test_dopt_errors_name_the_context_key():
@@ -174,3 +187,71 @@ def test_active_set_inverses_bound_training_grades():
     assert set(inverses) == {1, 6}
     for element, inverse in inverses.items():
         assert extrapolation_grade(inverse, train[elements == element]).max() <= 1.01
+
+
+def test_dopt_rank_deficient_block_gives_finite_grades_and_a_full_batch():
+    rng = np.random.default_rng(12)
+    d = 6
+    # element 1: plenty of atoms; element 8: two atoms (rank 2); element 9: dependent rows (rank 3)
+    train = np.vstack(
+        [rng.normal(size=(40, d)), rng.normal(size=(2, d)), rng.normal(size=(20, 3)) @ rng.normal(size=(3, d))]
+    )
+    train_elements = np.array([1] * 40 + [8] * 2 + [9] * 20)
+    groups = np.repeat(np.arange(12), 3)
+    elements = rng.choice([1, 8, 9, 10], size=len(groups))  # element 10 was never seen
+    cand = rng.normal(size=(len(groups), d))
+    sel = make_selector("dopt", threshold=2.0).select(
+        cand, 12, train=train, train_elements=train_elements, groups=groups, elements=elements
+    )
+    assert len(sel.indices) == 12 and sorted(sel.indices.tolist()) == list(range(12))
+    assert np.all(np.isfinite(sel.scores))
+    assert sel.info["filled_below_threshold"] == int(np.sum(sel.scores <= 2.0))
+    assert make_selector("dopt", threshold=2.0).informative(sel.scores, 0.0) == 12 - sel.info[
+        "filled_below_threshold"
+    ]
+    short = make_selector("dopt", threshold=1e12, fill=False).select(
+        cand, 12, train=train, train_elements=train_elements, groups=groups, elements=elements
+    )
+    assert short.info["stopped_at_threshold"] and len(short.indices) < 12
+
+
+@pytest.mark.parametrize("norm", ["max", "2"])
+def test_grades_match_direct_formulas(norm):
+    from alforge.selectors.dopt import active_sets
+
+    rng = np.random.default_rng(2)
+    d = 5
+    train = np.vstack([rng.normal(size=(30, d)), rng.normal(size=(3, d))])
+    elements = np.array([1] * 30 + [8] * 3)
+    sets = active_sets(train, elements)
+    f = rng.normal(size=(20, d)) * 3
+    # full rank: eq. 46 (norm "2") or max |f A⁻¹| with A the active rows
+    a = sets[1].rows
+    direct = (
+        np.abs(f @ np.linalg.inv(a)).max(axis=1)
+        if norm == "max"
+        else np.sqrt(np.einsum("ij,jk,ik->i", f, np.linalg.inv(a.T @ a), f))
+    )
+    np.testing.assert_allclose(sets[1].grade(f, norm), direct, rtol=1e-10)
+    np.testing.assert_allclose(extrapolation_grade(np.linalg.inv(a), f, norm), direct, rtol=1e-10)
+    # rank 3 < d: coefficients f A⁺ in the span, residual f − f A⁺A outside it, in units of s
+    a = sets[8].rows
+    assert a.shape == (3, d)
+    coef = f @ np.linalg.pinv(a)
+    outside = np.linalg.norm(f - coef @ a, axis=1) / (1e-6 * np.sqrt(np.mean(np.sum(a**2, axis=1))))
+    inside = np.abs(coef).max(axis=1) if norm == "max" else np.linalg.norm(coef, axis=1)
+    direct = np.maximum(inside, outside) if norm == "max" else np.hypot(inside, outside)
+    np.testing.assert_allclose(sets[8].grade(f, norm), direct, rtol=1e-6)
+    # training rows of the deficient element stay inside (γ ≤ tol, no spurious out-of-span part)
+    assert sets[8].grade(train[elements == 8], "max").max() <= 1.01
+
+
+def test_dopt_norm_2_selects_and_rejects_unknown_norm():
+    rng = np.random.default_rng(5)
+    train = rng.normal(size=(30, 4))
+    cand = 2 * rng.normal(size=(20, 4))
+    kw = dict(train=train, train_elements=np.zeros(30), groups=np.arange(20), elements=np.zeros(20))
+    sel = make_selector("dopt", norm="2").select(cand, 5, **kw)
+    assert len(sel.indices) == 5 and np.all(np.isfinite(sel.scores))
+    with pytest.raises(ValueError, match="norm"):
+        make_selector("dopt", norm="fro")

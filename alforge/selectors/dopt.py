@@ -12,6 +12,19 @@ coefficient ``|C_ij| > tol``, swap row ``j`` into position ``i`` (``|det A|`` gr
 ``|C_ij|``) and update all coefficients with one rank-1 correction. The next global max is found
 in the same pass over the coefficients as the update (cache-sized column chunks: one BLAS ``ger``
 and one ``i?amax`` each), so a swap costs one read-and-write of the ``d × n`` coefficients.
+
+**Rank-deficient element blocks** (fewer atoms of an element than ``d``, or linearly dependent
+features): no square ``d × d`` active set exists. Rather than regularising (which would invent
+rows), the active set is built in the *numerical span* of the element's rows: an orthonormal basis
+``V`` (d × r) from an SVD, keeping singular values ``> span_tol · σ_max``; MaxVol runs on the
+coordinates ``X V`` and picks ``r`` active rows. A feature row ``f`` then has in-span coefficients
+``c = (f V) A_r⁻¹`` and an out-of-span residual ``e = f − f V Vᵀ``, a direction no training atom
+has; it counts as if the missing directions held pseudo-rows of length ``s = span_tol · rms‖a_k‖``
+(the smallest extent still trusted as "seen", relative to the active rows' size):
+``γ = max(max_k |c_k|, ‖e‖/s)`` (``norm="max"``; ``‖e‖/s`` is the max over every orthonormal
+completion of the basis), or ``γ = sqrt(‖c‖² + ‖e‖²/s²)`` (``norm="2"``, exact). So an atom in
+an unseen direction grades very high (the old ``inf``, but finite and ordered by how far out it is),
+a training row grades ≤ ``tol``, and a finite feature never grades ``inf``.
 """
 
 from __future__ import annotations
@@ -154,46 +167,132 @@ def _argmax_abs(coef: np.ndarray, chunks: list[slice], iamax) -> tuple[int, int]
     return i, j
 
 
-def extrapolation_grade(active_set_inverse: np.ndarray, features: np.ndarray) -> np.ndarray:
-    """``γ_j = max_k |(f_j A⁻¹)_k|`` per row (METHODS §3), streamed in chunks.
+def extrapolation_grade(
+    active_set_inverse: np.ndarray, features: np.ndarray, norm: str = "max"
+) -> np.ndarray:
+    """``γ_j`` per row from ``A⁻¹`` of the row's element (METHODS §3), streamed in chunks.
 
-    ``active_set_inverse`` is ``A⁻¹`` (d × d) of the row's element; a structure's grade is the
-    max over its atoms. γ ≤ 1 for the active rows themselves and, after MaxVol, ≤ tol for every
+    ``norm="max"`` (MTP/ACE practice, default): ``γ_j = max_k |(f_j A⁻¹)_k|``; ``norm="2"`` (002
+    eq. 46): ``γ_j = ‖f_j A⁻¹‖₂ = sqrt(f_j (AᵀA)⁻¹ f_jᵀ)``. A structure's grade is the max over its
+    atoms. With ``"max"``, γ ≤ 1 for the active rows themselves and, after MaxVol, ≤ tol for every
     training row.
     """
     inverse = np.asarray(active_set_inverse, dtype=np.float64)
     if inverse.ndim != 2 or inverse.shape[0] != inverse.shape[1]:
         raise ValueError(f"active_set_inverse must be square (d, d), got shape {inverse.shape}")
+    _check_norm(norm)
     f = check_features("features", features, dim=inverse.shape[0])
     out = np.empty(len(f))
     for rows in iter_chunks(len(f), inverse.shape[0]):
-        out[rows] = np.abs(np.asarray(f[rows], dtype=np.float64) @ inverse).max(axis=1)
+        out[rows] = _reduce(np.asarray(f[rows], dtype=np.float64) @ inverse, norm)
     return out
 
 
+def _check_norm(norm: str) -> None:
+    if norm not in ("max", "2"):
+        raise ValueError(f"norm must be 'max' or '2', got {norm!r}")
+
+
+def _reduce(coef: np.ndarray, norm: str) -> np.ndarray:
+    if coef.shape[1] == 0:
+        return np.zeros(len(coef))
+    if norm == "max":
+        return np.abs(coef).max(axis=1)
+    return np.sqrt(np.einsum("ij,ij->i", coef, coef))
+
+
+#: Default relative singular-value cut of an element's span (and of the out-of-span scale).
+DEFAULT_SPAN_TOL = 1e-6
+
+
 @dataclass
-class _ElementState:
-    """One element's active set (or the rows collected towards one) and its candidate atoms."""
+class ActiveSet:
+    """One element's active set, possibly in a subspace (see the module docstring).
 
-    pool: np.ndarray  # rows MaxVol chooses from: the active set, or all rows while < d of them
-    inverse: np.ndarray | None  # A⁻¹, None while the pool spans fewer than d directions
-    atoms: np.ndarray  # candidate rows of this element
+    ``rows`` (r, d): the active training rows; ``basis`` (d, r) orthonormal span basis, or None when
+    r = d (then ``inverse`` is the usual ``A⁻¹``); ``inverse`` (r, r): ``(rows V)⁻¹``; ``scale``: the
+    length ``s`` an out-of-span residual is measured in.
+    """
+
+    rows: np.ndarray
+    basis: np.ndarray | None
+    inverse: np.ndarray
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return len(self.rows)
+
+    def grade(self, features: np.ndarray, norm: str = "max") -> np.ndarray:
+        """γ per row of ``features`` (always finite for finite rows)."""
+        _check_norm(norm)
+        if self.basis is None:
+            return extrapolation_grade(self.inverse, features, norm)
+        f = check_features("features", features, dim=self.rows.shape[1])
+        out = np.empty(len(f))
+        for chunk in iter_chunks(len(f), f.shape[1]):
+            block = np.asarray(f[chunk], dtype=np.float64)
+            y = block @ self.basis
+            residual = block - y @ self.basis.T
+            outside = np.sqrt(np.einsum("ij,ij->i", residual, residual)) / self.scale
+            inside = _reduce(y @ self.inverse, norm)
+            out[chunk] = np.maximum(inside, outside) if norm == "max" else np.hypot(inside, outside)
+        return out
 
 
-def _build_active_set(
-    pool: np.ndarray, tol: float, start: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """(active rows, A⁻¹) by MaxVol over ``pool``; ``(pool, None)`` when it cannot span d."""
-    d = pool.shape[1]
-    if len(pool) < d:
-        return pool, None
-    try:
-        result = maxvol(pool, tol=tol, start=start)
-    except ValueError:  # rank-deficient pool: every row stays a candidate for later picks
-        return pool, None
+def build_active_set(
+    pool: np.ndarray,
+    tol: float = 1.01,
+    start: np.ndarray | None = None,
+    span_tol: float = DEFAULT_SPAN_TOL,
+    fallback_scale: float = 1.0,
+) -> ActiveSet:
+    """MaxVol over ``pool`` (n, d) in its numerical span (module docstring).
+
+    ``start``: initial active rows (used when it has as many rows as the span's rank);
+    ``fallback_scale``: the typical row norm to measure residuals in when ``pool`` is empty.
+    """
+    pool = np.asarray(pool, dtype=np.float64)
+    n, d = pool.shape
+    if n == 0:
+        return ActiveSet(pool, np.zeros((d, 0)), np.zeros((0, 0)), span_tol * fallback_scale)
+    with single_threaded_blas():
+        _, sing, vt = np.linalg.svd(pool, full_matrices=False)
+    rank = int(np.count_nonzero(sing > span_tol * sing[0])) if sing[0] > 0 else 0
+    if rank == 0:
+        return ActiveSet(pool[:0], np.zeros((d, 0)), np.zeros((0, 0)), span_tol * fallback_scale)
+    basis = None if rank == d else vt[:rank].T
+    coords = pool if basis is None else pool @ basis
+    if start is not None and len(start) != rank:
+        start = None
+    result = maxvol(coords, tol=tol, start=start)
     active = pool[result.rows]
     with single_threaded_blas():
-        return active, np.linalg.inv(active)
+        inverse = np.linalg.inv(coords[result.rows])
+    scale = span_tol * float(np.sqrt(np.mean(np.einsum("ij,ij->i", active, active))))
+    return ActiveSet(active, basis, inverse, scale)
+
+
+def active_sets(
+    train: np.ndarray,
+    train_elements: np.ndarray,
+    tol: float = 1.01,
+    span_tol: float = DEFAULT_SPAN_TOL,
+) -> dict[Any, ActiveSet]:
+    """An :class:`ActiveSet` per element of ``train`` (rank-deficient elements included)."""
+    train = check_features("train", train)
+    train_elements = np.asarray(train_elements)
+    if train_elements.shape != (len(train),):
+        raise ValueError(
+            f"train_elements must have shape ({len(train)},), got {train_elements.shape}"
+        )
+    fallback = _rms_norm(train)
+    return {
+        element: build_active_set(
+            train[train_elements == element], tol, None, span_tol, fallback
+        )
+        for element in np.unique(train_elements)
+    }
 
 
 def active_set_inverses(
@@ -202,22 +301,34 @@ def active_set_inverses(
     """``A⁻¹`` per element, from MaxVol over that element's training rows (METHODS §3).
 
     What MD needs to grade atoms on the fly with :func:`extrapolation_grade` and stop a trajectory
-    above ``γ_hi``. Elements whose rows span fewer than ``d`` directions have no active set and are
-    left out: treat their atoms as ``γ = inf``.
+    above ``γ_hi``. Only elements whose rows span all ``d`` directions have a square ``A⁻¹``; the
+    others are left out (treat their atoms as beyond ``γ_hi``, or use :func:`active_sets`, whose
+    :meth:`ActiveSet.grade` is finite for them too).
     """
-    train = check_features("train", train)
-    train_elements = np.asarray(train_elements)
-    if train_elements.shape != (len(train),):
-        raise ValueError(
-            f"train_elements must have shape ({len(train)},), got {train_elements.shape}"
-        )
-    out: dict[Any, np.ndarray] = {}
-    for element in np.unique(train_elements):
-        rows = np.asarray(train[train_elements == element], dtype=np.float64)
-        _, inverse = _build_active_set(rows, tol, None)
-        if inverse is not None:
-            out[element] = inverse
-    return out
+    return {
+        element: aset.inverse
+        for element, aset in active_sets(train, train_elements, tol).items()
+        if aset.basis is None
+    }
+
+
+def _rms_norm(rows: np.ndarray) -> float:
+    if len(rows) == 0:
+        return 1.0
+    total = 0.0
+    for chunk in iter_chunks(len(rows), rows.shape[1]):
+        block = np.asarray(rows[chunk], dtype=np.float64)
+        total += float(np.einsum("ij,ij->", block, block))
+    value = np.sqrt(total / len(rows))
+    return value if value > 0 else 1.0
+
+
+@dataclass
+class _ElementState:
+    """One element's active set and its candidate atoms."""
+
+    active: ActiveSet
+    atoms: np.ndarray  # candidate rows of this element
 
 
 @register
@@ -230,23 +341,49 @@ class DOptimal(Selector):
     numbers); ``groups`` gives each candidate row's structure id. ``indices`` are structure ids.
 
     Each element's active set is MaxVol over its training rows (``tol``). A structure's grade is
-    the max γ over its atoms; the highest-graded structure is picked, its atoms join the active-set
-    update (MaxVol over active set ∪ picked atoms, as MTP/ACE do), grades are recomputed, and so
-    on — so one batch does not hold many copies of one environment. Picking stops early when no
-    structure has γ > ``threshold`` (default 1: anything outside the active sets' hull; use 2 for
-    the conservative MTP/ACE ``γ_lo``). An element with fewer than ``d`` training rows (or rows
-    spanning fewer than ``d`` directions) has no active set yet: its atoms grade ``inf`` until the
-    picked atoms complete one. Scores are the picked structures' γ at the moment of picking.
-    Cost per pick: a MaxVol over d + (picked atoms) rows and one GEMM re-grading the candidate
-    atoms of the picked structure's elements.
+    the max γ over its atoms (``norm="max"``: ``max_k |(f A⁻¹)_k|``, MTP/ACE; ``norm="2"``:
+    ``sqrt(f (AᵀA)⁻¹ fᵀ)``, 002 eq. 46); the highest-graded structure is picked, its atoms join the
+    active-set update (MaxVol over active set ∪ picked atoms, as MTP/ACE do), grades are
+    recomputed, and so on — so one batch does not hold many copies of one environment.
+
+    Rank-deficient element blocks (fewer training atoms than ``d``, or dependent features; none
+    at all) get an active set in their numerical span (``span_tol``; module docstring): atoms with
+    components outside it grade high but finite, so picks are ordered by how far out they are and
+    the picked atoms complete the span. Every grade of a finite feature is finite.
+
+    ``threshold`` is γ_lo (default 1: anything outside the active sets' hull; 2 is the conservative
+    MTP/ACE value). When fewer than ``budget`` structures grade above it, the batch is filled with
+    the next-highest grades (``fill=True``, the default; ``info["filled_below_threshold"]`` counts
+    them, and :meth:`informative` does not count them) or stops short (``fill=False``).
+    Scores are the picked structures' γ at the moment of picking. Cost per pick: a MaxVol over
+    d + (picked atoms) rows and one GEMM re-grading the candidate atoms of the picked structure's
+    elements.
     """
 
     name = "dopt"
     level = "atom"
 
-    def __init__(self, tol: float = 1.01, threshold: float = 1.0) -> None:
+    def __init__(
+        self,
+        tol: float = 1.01,
+        threshold: float = 1.0,
+        norm: str = "max",
+        span_tol: float = DEFAULT_SPAN_TOL,
+        fill: bool = True,
+    ) -> None:
+        _check_norm(norm)
         self.tol = tol
         self.threshold = threshold
+        self.norm = norm
+        self.span_tol = span_tol
+        self.fill = fill
+
+    def informative(self, scores: np.ndarray, min_score: float | None) -> int:
+        """Picks with ``γ > threshold`` (γ_lo); with ``min_score > 0`` set, ``γ ≥ min_score``."""
+        scores = np.asarray(scores, dtype=np.float64)
+        if min_score is None or min_score <= 0:
+            return int(np.count_nonzero(scores > self.threshold))
+        return int(np.count_nonzero(scores >= min_score))
 
     def select(
         self,
@@ -265,30 +402,38 @@ class DOptimal(Selector):
         train_elements = _labels(context, "train_elements", len(train))
         if not self.tol > 1.0:
             raise ValueError(f"tol must be > 1, got {self.tol}")
+        if not 0 < self.span_tol < 1:
+            raise ValueError(f"span_tol must be in (0, 1), got {self.span_tol}")
         structure_ids, owner = np.unique(groups, return_inverse=True)
         b = check_budget(budget, len(structure_ids))
+        fallback = _rms_norm(train) if len(train) else _rms_norm(candidates)
 
         states: dict[Any, _ElementState] = {}
         grade = np.empty(len(candidates))
         for element in np.unique(elements):
             atoms = np.flatnonzero(elements == element)
-            pool, inverse = _build_active_set(
-                np.asarray(train[train_elements == element], dtype=np.float64), self.tol, None
+            active = build_active_set(
+                train[train_elements == element], self.tol, None, self.span_tol, fallback
             )
-            states[element] = _ElementState(pool, inverse, atoms)
-            grade[atoms] = _grades(inverse, candidates[atoms])
+            states[element] = _ElementState(active, atoms)
+            grade[atoms] = active.grade(candidates[atoms], self.norm)
 
         by_structure = np.argsort(owner, kind="stable")
         first_atom = np.searchsorted(owner[by_structure], np.arange(len(structure_ids)))
         picked = np.zeros(len(structure_ids), dtype=bool)
         picks: list[int] = []
         scores: list[float] = []
+        filled = 0
+        stopped = False
         for _ in range(b):
             structure_grade = np.maximum.reduceat(grade[by_structure], first_atom)
             structure_grade[picked] = -np.inf
             s = int(np.argmax(structure_grade))
             if not structure_grade[s] > self.threshold:
-                break
+                if not self.fill:
+                    stopped = True
+                    break
+                filled += 1
             picked[s] = True
             picks.append(s)
             scores.append(float(structure_grade[s]))
@@ -296,20 +441,21 @@ class DOptimal(Selector):
             for element in np.unique(elements[rows]):
                 state = states[element]
                 new = np.asarray(candidates[rows[elements[rows] == element]], dtype=np.float64)
-                # Start from the current active set (its first d rows) when there is one.
-                start = np.arange(d) if state.inverse is not None else None
-                pool, inverse = _build_active_set(np.vstack([state.pool, new]), self.tol, start)
-                state.pool, state.inverse = pool, inverse
-                grade[state.atoms] = _grades(inverse, candidates[state.atoms])
+                # Start from the current active set (its first rows) when the span keeps its rank.
+                active = build_active_set(
+                    np.vstack([state.active.rows, new]),
+                    self.tol,
+                    np.arange(state.active.rank) if state.active.rank else None,
+                    self.span_tol,
+                    fallback,
+                )
+                state.active = active
+                grade[state.atoms] = active.grade(candidates[state.atoms], self.norm)
         return Selection(
             structure_ids[np.asarray(picks, dtype=np.int64)],
             np.asarray(scores),
-            info={"stopped_at_threshold": len(picks) < b},
+            info={"filled_below_threshold": filled, "stopped_at_threshold": stopped},
         )
-
-
-def _grades(inverse: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
-    return np.full(len(rows), np.inf) if inverse is None else extrapolation_grade(inverse, rows)
 
 
 def _labels(context: dict[str, Any], key: str, length: int) -> np.ndarray:
