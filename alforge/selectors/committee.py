@@ -42,6 +42,14 @@ class CommitteeSelector(Selector):
         self.order = order
         self.seed = seed
 
+    def informative(self, scores: np.ndarray, min_score: float | None) -> int:
+        """Picks whose deviation lies inside the trust window (and is ``≥ min_score`` if given)."""
+        dev = np.asarray(scores, dtype=np.float64)
+        ok = (dev > self.sigma_lo) & (dev < self.sigma_hi)
+        if min_score is not None:
+            ok &= dev >= min_score
+        return int(np.count_nonzero(ok))
+
     def select(
         self,
         candidates: np.ndarray,

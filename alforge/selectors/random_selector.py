@@ -17,6 +17,10 @@ class RandomSelector(Selector):
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
+    def informative(self, scores: np.ndarray, min_score: float | None) -> int:
+        """Every pick: random selection has no notion of information (its scores are all 0)."""
+        return int(len(scores))
+
     def select(
         self,
         candidates: np.ndarray,
