@@ -239,20 +239,17 @@ def feature_jacobians(
     model_path: Path | torch.nn.Module, atoms_list: Sequence[Atoms], device: str = "auto"
 ) -> list[np.ndarray]:
     """``∂f_s/∂r`` per structure as an ``(n_atoms, 3, d)`` array (the force term of the Hessian,
-    METHODS §2): ``−J·w`` are the model's forces. One backward pass per feature, so this is for
-    small ``d`` and modest training sets."""
+    METHODS §2): ``−J·w`` are the model's forces. All ``d`` features in one batched backward pass
+    per structure (:func:`alforge.mlip.jacobians.structure_jacobians`); the compact, weighted rows
+    of the loss Hessian are :func:`alforge.mlip.jacobians.label_rows`."""
+    from alforge.mlip.jacobians import structure_jacobians
+
     if not atoms_list:
         return []
     resolved, model, z_table, configs = _prepared(model_path, atoms_list, device)
     out: list[np.ndarray] = []
     with _hooked(model) as read, default_dtype(model_dtype(model)), torch.enable_grad():
         for batch in iterate_batches(configs, z_table, float(model.r_max), 1):
-            data = batch.to(resolved).to_dict()
-            model(data, training=False, compute_force=False)  # sets data["positions"].requires_grad_
-            f_s = read()[0].sum(dim=0)
-            rows = [
-                torch.autograd.grad(f_s[k], data["positions"], retain_graph=k + 1 < len(f_s))[0]
-                for k in range(len(f_s))
-            ]
-            out.append(torch.stack(rows, dim=-1).double().cpu().numpy())
+            _, d_pos, _ = structure_jacobians(model, read, batch, resolved, with_stress=False)
+            out.append(d_pos.permute(1, 2, 0).double().cpu().numpy())
     return out

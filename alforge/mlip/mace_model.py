@@ -10,10 +10,17 @@ AMSGrad Adam, gradient clipping at 10, EMA) with the small hyperparameters of ``
 Reference labels are read from ``atoms.calc.results`` (``'energy'``, ``'forces'`` and optionally
 ``'stress'``, as ASE's ``SinglePointCalculator`` stores them); a structure without stress simply gets
 no stress loss.
+
+Beside every saved model, ``<model path>.training.json`` records the loss it was trained with (the
+λ's, whether stress was trained, batch size, readout weight decay, dtype) and the exact training
+split (sizes and indices into the ``train`` list), so the loss-consistent Hessian
+(:mod:`alforge.uncertainty.loss_hessian`) can be rebuilt from the model alone; read it with
+:func:`read_training_settings`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -47,8 +54,10 @@ __all__ = [
     "evaluate",
     "load_calculator",
     "load_model",
+    "read_training_settings",
     "resolve_device",
     "train_mace",
+    "training_settings_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,6 +68,11 @@ MAX_GRAD_NORM = 10.0
 # Fewer structures than this: no validation split (one structure would be a noisy stopping signal
 # and costs a fifth of the data).
 MIN_STRUCTURES_FOR_SPLIT = 5
+#: Version of the ``<model>.training.json`` layout.
+TRAINING_SETTINGS_FORMAT = 1
+#: Weight decay on the readout weights: mace's recipe puts readouts in a parameter group with
+#: weight_decay 0 and our Adam has none at all, so the readouts are trained without a prior.
+READOUT_WEIGHT_DECAY = 0.0
 
 
 @dataclass
@@ -79,6 +93,8 @@ class TrainResult:
     epochs: int
     history: list[dict[str, float]]
     finetuned: bool = field(default=False)
+    #: what was written to ``<model path>.training.json`` (:func:`read_training_settings`)
+    training: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- data conversion
@@ -222,6 +238,55 @@ def _save_model(model: torch.nn.Module, out_path: Path) -> None:
     tmp = out_path.with_name(out_path.name + ".tmp")
     torch.save(model.to("cpu"), tmp)
     os.replace(tmp, out_path)
+
+
+def training_settings_path(model_path: Path) -> Path:
+    """``<model path>.training.json``: the training settings written beside a model."""
+    return Path(f"{model_path}.training.json")
+
+
+_SETTINGS_KEYS = (
+    "energy_weight", "forces_weight", "stress_weight", "stress_trained", "batch_size",
+    "readout_weight_decay", "n_structures", "n_atoms", "n_stress_structures", "dtype",
+)  # fmt: skip
+
+
+def read_training_settings(model_path: Path) -> dict:
+    """The settings :func:`train_mace` recorded beside ``model_path`` (module docstring).
+
+    Keys: ``loss`` (mace's loss class), ``energy_weight``/``forces_weight``/``stress_weight`` (λ's of
+    that loss), ``stress_trained``, ``batch_size``, ``readout_weight_decay``, ``weight_decay``,
+    ``n_structures``/``n_atoms``/``n_stress_structures`` (the training split actually fitted),
+    ``train_indices``/``valid_indices`` (into the ``train`` list given to :func:`train_mace`; the
+    validation indices are empty when a separate ``valid`` list was passed), ``dtype``, ``epochs``,
+    ``finetuned``. Raises naming the file when it is missing or invalid.
+    """
+    path = training_settings_path(model_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"training settings {path} of model {model_path} do not exist (models trained before they "
+            "were recorded: pass the loss weights explicitly)"
+        )
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"training settings {path} are not valid JSON: {exc}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"training settings {path} must hold a JSON object")
+    missing = [k for k in _SETTINGS_KEYS if k not in settings]
+    if missing:
+        raise ValueError(f"training settings {path} lack {missing}")
+    if settings.get("format") != TRAINING_SETTINGS_FORMAT:
+        raise ValueError(f"training settings {path} have format {settings.get('format')!r}, "
+                         f"expected {TRAINING_SETTINGS_FORMAT}")
+    return settings
+
+
+def _write_training_settings(model_path: Path, settings: dict) -> None:
+    path = training_settings_path(model_path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=1))
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- errors
@@ -404,6 +469,7 @@ def train_mace(
         train_configs = [train_configs[i] for i in train_idx]
         valid_atoms = [train[i] for i in valid_idx]
     else:
+        train_idx, valid_idx = list(range(len(train))), []
         valid_configs = [_reference_config(atoms, i, "validation") for i, atoms in enumerate(valid)]
         valid_atoms = list(valid)
 
@@ -455,9 +521,31 @@ def train_mace(
                 metrics.update({f"{prefix}_{k}": v for k, v in errors.items()})
         model.eval()
         _save_model(model, out_path)
+    settings = {
+        "format": TRAINING_SETTINGS_FORMAT,
+        "loss": type(loss_fn).__name__,
+        "energy_weight": float(params.energy_weight),
+        "forces_weight": float(params.forces_weight),
+        "stress_weight": float(params.stress_weight) if compute_stress else 0.0,
+        "stress_trained": bool(compute_stress),
+        "batch_size": int(params.batch_size),
+        "readout_weight_decay": READOUT_WEIGHT_DECAY,
+        "weight_decay": 0.0,
+        "n_structures": len(train_configs),
+        "n_atoms": int(sum(len(c.atomic_numbers) for c in train_configs)),
+        "n_stress_structures": int(sum(c.properties["stress"] is not None for c in train_configs)),
+        "train_indices": [int(i) for i in train_idx],
+        "valid_indices": [int(i) for i in valid_idx],
+        "dtype": params.dtype,
+        "epochs": int(epochs),
+        "finetuned": bool(finetuned),
+    }
+    _write_training_settings(out_path, settings)
     metrics["wall_time_s"] = time.perf_counter() - started
     log.info("trained %s (%s, %d epochs): %s", out_path, "finetune" if finetuned else "scratch", epochs, metrics)
-    return TrainResult(model_path=out_path, metrics=metrics, epochs=epochs, history=history, finetuned=finetuned)
+    return TrainResult(
+        model_path=out_path, metrics=metrics, epochs=epochs, history=history, finetuned=finetuned, training=settings
+    )
 
 
 def _fit(

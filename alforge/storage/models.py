@@ -189,3 +189,27 @@ class CommitteeMember(Base):
     path: Mapped[str] = mapped_column(Text)
     metrics_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelHessian(Base):
+    """A model's last-layer Hessian ``H`` (METHODS §2), computed once per (model, form) and kept.
+
+    ``form``: ``loss`` (energy + forces + stress rows of the trained loss) or ``energy``. ``matrix``:
+    the full ``H`` including ``ς² I`` as raw bytes (:mod:`alforge.storage.arrays`); ``regularizer``
+    is ``ς``, ``regularizer_method`` how it was chosen, ``weights_json`` the row weights.
+    """
+
+    __tablename__ = "model_hessians"
+    __table_args__ = (UniqueConstraint("model_id", "form"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    form: Mapped[str] = mapped_column(String(40))
+    dtype: Mapped[str] = mapped_column(String(10))
+    shape: Mapped[str] = mapped_column(String(40))
+    matrix: Mapped[bytes] = mapped_column(LargeBinary)
+    regularizer: Mapped[float] = mapped_column(Float)
+    regularizer_method: Mapped[str] = mapped_column(Text)
+    weights_json: Mapped[str] = mapped_column(Text)
+    n_structures: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -634,6 +634,59 @@ class Store:
                 .where(models.Model.campaign_id == campaign_id)
             )
 
+    # ---------------------------------------------------------------- model Hessians
+    def put_hessian(
+        self,
+        model_id: int,
+        form: str,
+        matrix: np.ndarray,
+        regularizer: float,
+        method: str,
+        weights: dict[str, float],
+        n_structures: int,
+    ) -> None:
+        """Store the model's Hessian of ``form`` (float64 bytes), replacing an earlier one."""
+        data, dt, shape = arrays.encode(matrix, "<f8")
+        with self.session() as s, s.begin():
+            s.execute(
+                delete(models.ModelHessian).where(
+                    models.ModelHessian.model_id == model_id, models.ModelHessian.form == form
+                )
+            )
+            s.add(
+                models.ModelHessian(
+                    model_id=model_id,
+                    form=form,
+                    dtype=dt,
+                    shape=shape,
+                    matrix=data,
+                    regularizer=float(regularizer),
+                    regularizer_method=method,
+                    weights_json=json.dumps(weights),
+                    n_structures=int(n_structures),
+                    created_at=_now(),
+                )
+            )
+
+    def get_hessian(self, model_id: int, form: str) -> dict[str, Any] | None:
+        """``{matrix, regularizer, regularizer_method, weights, n_structures, created_at}`` or ``None``."""
+        with self.session() as s:
+            row = s.scalars(
+                select(models.ModelHessian).where(
+                    models.ModelHessian.model_id == model_id, models.ModelHessian.form == form
+                )
+            ).first()
+            if row is None:
+                return None
+            return {
+                "matrix": arrays.decode(row.matrix, row.dtype, row.shape),
+                "regularizer": row.regularizer,
+                "regularizer_method": row.regularizer_method,
+                "weights": json.loads(row.weights_json),
+                "n_structures": row.n_structures,
+                "created_at": row.created_at,
+            }
+
     # ---------------------------------------------------------------- selections
     def add_selection(
         self,

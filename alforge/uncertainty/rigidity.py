@@ -3,7 +3,12 @@
 Everything here rests on one object, the Gauss–Newton Hessian of a squared loss in the last-layer
 weights ``w`` (``E = Σ_j w·f_j``):
 
-    H = λ_E Σ_s f_s f_sᵀ + λ_F Σ_s Σ_α (∂f_s/∂r_α)(∂f_s/∂r_α)ᵀ + ς² I
+    H = Σ_s R_sᵀR_s + ς² I
+
+with ``R_s`` the (weighted) label rows of training structure ``s``. The loss-consistent form (the
+loss the MACE model was trained with: energy per atom, forces, stress) is built by
+:func:`alforge.uncertainty.loss_hessian.loss_hessian` through :meth:`Hessian.from_label_rows`;
+:meth:`Hessian.from_features` keeps the older ``λ_E Σ f_s f_sᵀ + λ_F Σ JᵀJ`` assembly from arrays.
 
 factored once in float64 (one Cholesky, O(d³)). A query ``fᵀH⁻¹f`` is then ``‖L⁻¹f‖²``: a triangular
 solve per row, done in chunks so a million candidates never materialise a whitened copy at once.
@@ -14,11 +19,15 @@ of the feature vector) and the calibrated variance is ``α² fᵀH⁻¹f`` (METH
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.linalg import cho_solve, cholesky, solve_triangular
 
 from alforge.uncertainty.blas_threads import single_threaded_blas, threads_for
+
+if TYPE_CHECKING:
+    from alforge.mlip.jacobians import LossWeights
 
 #: Default ``ς``: ς² = 1e-6 keeps ``H`` positive definite in float64 when the training set is empty
 #: or spans fewer than ``d`` directions, while shifting the well-determined directions (eigenvalues
@@ -53,16 +62,31 @@ def _as_2d(name: str, array: np.ndarray, dim: int | None = None) -> np.ndarray:
 class Hessian:
     """A Cholesky-factored last-layer Hessian ``H = L Lᵀ`` (METHODS §2).
 
-    Build it with :meth:`from_features`; query it with :meth:`variance` (``fᵀH⁻¹f`` per row),
-    :meth:`whiten` (``L⁻¹f``) and :meth:`solve` (``H⁻¹x``). ``regularizer`` is ``ς`` (not ``ς²``).
+    Build it with :meth:`from_label_rows` or :meth:`from_features`; query it with :meth:`variance`
+    (``fᵀH⁻¹f`` per row), :meth:`whiten` (``L⁻¹f``) and :meth:`solve` (``H⁻¹x``). ``regularizer`` is
+    ``ς`` (not ``ς²``); ``regularizer_method`` says how it was chosen. ``form`` names the quadratic
+    form (``"loss"``: energy + forces (+ stress) rows of the trained loss; ``"energy"``: its energy
+    rows only; ``"features"``: :meth:`from_features`; ``"custom"``: a matrix given directly), and
+    ``weights`` are the row weights of the ``"loss"``/``"energy"`` forms.
     """
 
-    def __init__(self, matrix: np.ndarray, regularizer: float) -> None:
+    def __init__(
+        self,
+        matrix: np.ndarray,
+        regularizer: float,
+        *,
+        weights: LossWeights | None = None,
+        form: str = "custom",
+        regularizer_method: str = "given",
+    ) -> None:
         matrix = np.asarray(matrix, dtype=np.float64)
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"Hessian matrix must be square, got shape {matrix.shape}")
         self.matrix = matrix
         self.regularizer = float(regularizer)
+        self.weights = weights
+        self.form = form
+        self.regularizer_method = regularizer_method
         try:
             with single_threaded_blas():
                 self.cholesky = cholesky(matrix, lower=True)
@@ -74,6 +98,25 @@ class Hessian:
     @property
     def dim(self) -> int:
         return self.matrix.shape[0]
+
+    @classmethod
+    def from_label_rows(
+        cls,
+        rows_list: Sequence[np.ndarray],
+        dim: int,
+        regularizer: float,
+        *,
+        weights: LossWeights | None = None,
+        form: str = "loss",
+        regularizer_method: str = "given",
+    ) -> Hessian:
+        """``H = Σ_s R_sᵀR_s + ς² I`` from per-structure factors ``R_s`` of shape ``(r_s, dim)``
+        (:func:`alforge.mlip.jacobians.label_rows`), accumulated in float64."""
+        matrix = data_matrix(rows_list, dim)
+        if not regularizer > 0:
+            raise ValueError(f"regularizer (ς) must be > 0, got {regularizer}")
+        matrix[np.diag_indices(dim)] += regularizer**2
+        return cls(matrix, regularizer, weights=weights, form=form, regularizer_method=regularizer_method)
 
     @classmethod
     def from_features(
@@ -121,14 +164,20 @@ class Hessian:
                 with threads_for(2.0 * rows.size * dim):
                     matrix += force_weight * (rows.T @ rows)
         matrix[np.diag_indices(dim)] += regularizer**2
-        return cls(matrix, regularizer)
+        return cls(matrix, regularizer, form="features")
 
     def updated(self, features: np.ndarray, weight: float = 1.0) -> Hessian:
         """``H + weight · FᵀF``: the Hessian after adding rows ``features`` to the training set."""
         features = np.asarray(_as_2d("features", features, self.dim), dtype=np.float64)
         with threads_for(2.0 * features.size * self.dim):
             outer = features.T @ features
-        return Hessian(self.matrix + weight * outer, self.regularizer)
+        return Hessian(
+            self.matrix + weight * outer,
+            self.regularizer,
+            weights=self.weights,
+            form=self.form,
+            regularizer_method=self.regularizer_method,
+        )
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         """``H⁻¹ rhs`` for a vector or a (d, k) matrix with few columns (one BLAS thread)."""
@@ -158,6 +207,18 @@ class Hessian:
             z = solve_triangular(self.cholesky, block.T, lower=True)
             out[rows] = np.einsum("ij,ij->j", z, z)
         return out
+
+
+def data_matrix(rows_list: Sequence[np.ndarray], dim: int) -> np.ndarray:
+    """``Σ_s R_sᵀR_s`` (no ``ς²I``) in float64 from per-structure row blocks of width ``dim``."""
+    matrix = np.zeros((dim, dim))
+    for s, rows in enumerate(rows_list):
+        rows = np.asarray(rows, dtype=np.float64)
+        if rows.ndim != 2 or rows.shape[1] != dim:
+            raise ValueError(f"rows_list[{s}] must have shape (r, {dim}), got {rows.shape}")
+        with threads_for(2.0 * rows.size * dim):
+            matrix += rows.T @ rows
+    return matrix
 
 
 def prediction_rigidity(hessian: Hessian, features: np.ndarray) -> np.ndarray:
