@@ -46,8 +46,9 @@ def lazy_greedy(
     bounds of the exact scores (then every candidate is refreshed before it can be picked, and
     ``refresh`` sees ``fresh_at = -1`` for scores that were never exact).
 
-    Returns ``(picks, scores, n_refreshed)``: candidate indices in pick order, each pick's exact score when picked, and how many candidate
-    re-scorings were needed (a diagnostic: plain greedy would need about N per step).
+    Returns ``(picks, scores, n_refreshed)``: candidate indices in pick order, each pick's exact
+    score when picked, and how many candidate re-scorings were needed (a diagnostic: plain greedy
+    would need about N per step).
 
     The search runs inside a *pool*, the ``first_pool`` candidates with the largest bounds, so a
     step costs O(pool) rather than O(N); everything outside the pool is bounded by ``ceiling``. A

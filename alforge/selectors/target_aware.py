@@ -112,8 +112,11 @@ class _TargetAwareSelector(Selector):
             value = self._objective(state)
             if value is not None:
                 objective.append(value)
-        info: dict[str, Any] = {"update": "label_rows" if blocks is not None else (
-            "noiseless" if self.noiseless_update else "weighted_row")}
+        if blocks is not None:
+            update = "label_rows"
+        else:
+            update = "noiseless" if self.noiseless_update else "weighted_row"
+        info: dict[str, Any] = {"update": update}
         if objective:
             info["objective"] = objective
         return Selection(picks, scores, info=info)
