@@ -1,7 +1,7 @@
 """``alforge`` command line: parses arguments and calls flows or reads the store, nothing more.
 
     alforge run CAMPAIGN.yaml            (exit status 3: paused by the labelling failure budget)
-    alforge status   [--config CAMPAIGN.yaml | --store URL] [--campaign NAME]
+    alforge status   [--config CAMPAIGN.yaml | --store URL] [--campaign NAME] [--json]
     alforge export   [--config ... | --store ...] --campaign NAME --out train.extxyz [--model FILE] [--test]
     alforge import   FILE [--config ... | --store ...] --campaign NAME [--energy-key ...]
 """
@@ -70,6 +70,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = Store(_store_url(args))
     name = _campaign_name(args, required=False)
     campaigns = [c for c in store.campaigns() if name is None or c.name == name]
+    if getattr(args, "json", False):
+        import json
+
+        out = [
+            {
+                "campaign": c.name, "status": c.status, "status_message": c.status_message,
+                "structures": {r: store.count_structures(c.id, role=r) for r in ("seed", "candidate", "test", "target")},
+                "labels": store.label_counts(c.id), "failures": store.failure_counts(c.id),
+                "quarantined": len(store.quarantined_ids(c.id)), "learning_curve": store.learning_curve(c.id),
+            }
+            for c in campaigns
+        ]
+        print(json.dumps(out, indent=1))
+        return 1 if name and not campaigns else 0
     if not campaigns:
         print(f"no campaign{' named ' + repr(name) if name else 's'} in {store.url}")
         return 1 if name else 0
@@ -100,6 +114,15 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"  {_fmt(mt.get('train_forces_rmse')):>9} / {_fmt(mt.get('valid_forces_rmse'))} /"
                 f" {_fmt(mt.get('test_forces_rmse'))}"
                 f"  {_fmt(mt.get('test_energy_rmse_per_atom')):>22}  {it.stop_reason or ''}"
+            )
+        curve = store.learning_curve(c.id)
+        if curve:
+            print(
+                "  learning curve (labels: test E-RMSE meV/atom, F-RMSE meV/Å): "
+                + ", ".join(
+                    f"{p['n_labels']}: {_fmt(p['test_energy_rmse_per_atom'])}, {_fmt(p['test_forces_rmse'])}"
+                    for p in curve
+                )
             )
         if models:
             latest = models[max(models)]
@@ -168,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="campaigns, iterations, counts and errors")
     store_args(p)
+    p.add_argument("--json", action="store_true", help="print counts and the learning curve as JSON")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("export", help="write the labelled set as extxyz (and copy the latest model)")

@@ -68,9 +68,17 @@ class StructureSource(_Strict):
 
 
 class ExplorationConfig(_Strict):
-    """Langevin MD with the current model (METHODS: candidates come from the model's own dynamics)."""
+    """Where candidates come from: Langevin MD with the current model (METHODS: candidates come from
+    the model's own dynamics), a fixed ``pool`` of structures, or both.
 
-    walkers: int = Field(4, ge=1)
+    With a ``pool`` and no ``walkers`` setting no MD runs (``walkers: 0``); every unlabelled,
+    non-quarantined pool structure is a candidate in every iteration, beside that iteration's MD frames.
+    """
+
+    pool: list[StructureSource] = Field(
+        [], description="fixed candidate structures (files read in chunks; labels in them are not used as labels)"
+    )
+    walkers: int = Field(4, ge=0, description="MD walkers per iteration; default 4, or 0 when a pool is given")
     temperatures: list[float] = Field([300.0, 800.0], min_length=1)
     timestep_fs: float = Field(2.0, gt=0)
     steps: int = Field(200, ge=1)
@@ -90,6 +98,14 @@ class ExplorationConfig(_Strict):
         if any(t <= 0 for t in v):
             raise ValueError(f"temperatures must be > 0 K, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _some_candidates(self) -> "ExplorationConfig":
+        if self.pool and "walkers" not in self.model_fields_set:
+            self.walkers = 0
+        if self.walkers == 0 and not self.pool:
+            raise ValueError("walkers: 0 needs a 'pool' of candidate structures (else nothing is ever selected)")
+        return self
 
 
 class SelectorConfig(_Strict):
@@ -202,6 +218,13 @@ class CampaignConfig(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _lookup_has_files(self) -> "CampaignConfig":
+        if self.labeller.name == "lookup" and not self.labeller.kwargs.get("files"):
+            if not any(src.file is not None for src in self.exploration.pool):
+                raise ValueError("labeller 'lookup' needs kwargs.files or an exploration.pool of files to look labels up in")
+        return self
+
+    @model_validator(mode="after")
     def _targets_for_target_aware(self) -> "CampaignConfig":
         from alforge.selectors import get_selector_class
 
@@ -211,9 +234,16 @@ class CampaignConfig(_Strict):
 
     def resolve_paths(self, base: Path) -> "CampaignConfig":
         """Make file paths absolute against ``base`` and fill the store/workdir defaults."""
-        for src in [*self.seeds, *self.test, *self.targets]:
+        for src in [*self.seeds, *self.test, *self.targets, *self.exploration.pool]:
             if src.file is not None and not src.file.is_absolute():
                 src.file = (base / src.file).resolve()
+        if self.labeller.name == "lookup":  # its files, or else the pool's
+            files = self.labeller.kwargs.get("files")
+            files = [files] if isinstance(files, str) else files
+            if files:
+                self.labeller.kwargs["files"] = [str((base / f).resolve()) for f in files]
+            else:
+                self.labeller.kwargs["files"] = [str(s.file) for s in self.exploration.pool if s.file is not None]
         self.workdir = (base / (self.workdir or Path("runs") / self.name)).resolve()
         if self.store is None:
             self.store = f"sqlite:///{(base / f'{self.name}.db').resolve()}"
@@ -238,10 +268,12 @@ def parse_config(raw: Any, path: Path) -> CampaignConfig:
     except ValidationError as exc:
         raise ConfigError(_format_errors(path, exc)) from None
     cfg.resolve_paths(path.parent)
-    sources = [*cfg.seeds, *cfg.test, *cfg.targets]
+    sources = [*cfg.seeds, *cfg.test, *cfg.targets, *cfg.exploration.pool]
     missing = [str(s.file) for s in sources if s.file is not None and not s.file.exists()]
+    if cfg.labeller.name == "lookup":
+        missing += [f for f in cfg.labeller.kwargs["files"] if not Path(f).exists()]
     if missing:
-        raise ConfigError(f"{path}: seeds/test/targets file(s) not found: {', '.join(missing)}")
+        raise ConfigError(f"{path}: seeds/test/targets/pool/lookup file(s) not found: {', '.join(missing)}")
     return cfg
 
 

@@ -7,7 +7,9 @@ ASE ≥ 3.23 moves the extxyz keys ``energy``/``forces``/``stress`` into ``atoms
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import ase.io
 import numpy as np
@@ -41,27 +43,43 @@ def _stress_tensor(value: np.ndarray, where: str) -> np.ndarray:
 
 
 def extract_label(
-    atoms: Atoms, energy_key: str, forces_key: str, stress_key: str, where: str
+    atoms: Atoms, energy_key: str, forces_key: str, stress_key: str, where: str, require_forces: bool = True
 ) -> Label | None:
-    """The reference label stored in ``atoms`` under the given keys, or None if it has no energy."""
+    """The reference label stored in ``atoms`` under the given keys, or None if it has no energy.
+
+    Without ``require_forces`` an energy-only structure gives a label with ``forces=None`` (test
+    sets: evaluated on energy alone); with it, that is an error naming the frame.
+    """
     energy = _lookup(atoms, energy_key, per_atom=False)
     if energy is None:
         return None
     forces = _lookup(atoms, forces_key, per_atom=True)
     if forces is None:
-        raise SourceError(f"{where}: has energy {energy_key!r} but no forces under {forces_key!r}")
-    forces = np.asarray(forces, dtype=float)
-    if forces.shape != (len(atoms), 3):
-        raise SourceError(f"{where}: forces {forces_key!r} have shape {forces.shape}, expected ({len(atoms)}, 3)")
+        if require_forces:
+            raise SourceError(f"{where}: has energy {energy_key!r} but no forces under {forces_key!r}")
+    else:
+        forces = np.asarray(forces, dtype=float)
+        if forces.shape != (len(atoms), 3):
+            raise SourceError(f"{where}: forces {forces_key!r} have shape {forces.shape}, expected ({len(atoms)}, 3)")
     stress = _lookup(atoms, stress_key, per_atom=False)
     stress = _stress_tensor(stress, where) if stress is not None else None
-    label = Label(float(energy), forces, stress)
-    if not (np.isfinite(label.energy) and np.all(np.isfinite(forces))):
+    label = Label(float(energy), forces, stress)  # type: ignore[arg-type]
+    if not (np.isfinite(label.energy) and (forces is None or np.all(np.isfinite(forces)))):
         raise SourceError(f"{where}: energy or forces are not finite")
     return label
 
 
-def read_source(source: StructureSource) -> tuple[list[Atoms], list[Label | None], str]:
+def _strip_labels(atoms: Atoms, source: StructureSource) -> Atoms:
+    a = atoms.copy()  # drops the SinglePointCalculator: labels travel separately
+    for key in (source.energy_key, source.stress_key):
+        a.info.pop(key, None)
+    a.arrays.pop(source.forces_key, None)
+    return a
+
+
+def read_source(
+    source: StructureSource, require_forces: bool = True
+) -> tuple[list[Atoms], list[Label | None], str]:
     """Structures of one source, their labels (None where unlabelled), and a provenance tag."""
     if source.generate is not None:
         structures = generate(source.generate)
@@ -75,17 +93,54 @@ def read_source(source: StructureSource) -> tuple[list[Atoms], list[Label | None
     if not frames:
         raise SourceError(f"{path}: no structures at index {source.index!r}")
     labels = [
-        extract_label(a, source.energy_key, source.forces_key, source.stress_key, f"{path} frame {i}")
+        extract_label(a, source.energy_key, source.forces_key, source.stress_key, f"{path} frame {i}", require_forces)
         for i, a in enumerate(frames)
     ]
-    clean = []
-    for a in frames:
-        a = a.copy()  # drops the SinglePointCalculator: labels travel separately
-        for key in (source.energy_key, source.stress_key):
-            a.info.pop(key, None)
-        a.arrays.pop(source.forces_key, None)
-        clean.append(a)
-    return clean, labels, f"file:{path.name}"
+    return [_strip_labels(a, source) for a in frames], labels, f"file:{path.name}"
+
+
+def _frame_numbers(index: str) -> tuple[int, int] | None:
+    """``(start, step)`` when ``index`` selects frames start, start+step, ... of the file (so frame
+    numbers in the file are known without its length), else None."""
+    from ase.io.formats import string2index
+
+    sel = string2index(index)
+    if isinstance(sel, int):
+        return (sel, 1) if sel >= 0 else None
+    start, step = sel.start or 0, sel.step or 1
+    return (start, step) if start >= 0 and step > 0 else None
+
+
+def iter_source_chunks(
+    source: StructureSource, chunk_size: int = 1000
+) -> Iterator[tuple[list[Atoms], list[dict[str, Any]]]]:
+    """Structures of one source, ``chunk_size`` at a time (``ase.io.iread``: a large pool file is
+    never in memory at once), labels stripped, each with its provenance: file, index and frame number
+    (``position`` in the selection; ``frame`` in the file where the index makes that known)."""
+    if source.generate is not None:
+        structures = generate(source.generate)
+        for i in range(0, len(structures), chunk_size):
+            part = structures[i : i + chunk_size]
+            yield part, [{"generate": source.generate.element, "position": i + k} for k in range(len(part))]
+        return
+    path = Path(source.file)  # type: ignore[arg-type]
+    numbering = _frame_numbers(source.index)
+    chunk: list[Atoms] = []
+    prov: list[dict[str, Any]] = []
+    try:
+        for k, atoms in enumerate(ase.io.iread(path, index=source.index, format=source.format)):
+            chunk.append(_strip_labels(atoms, source))
+            frame = numbering[0] + k * numbering[1] if numbering else None
+            prov.append({"file": str(path), "index": source.index, "position": k, "frame": frame})
+            if len(chunk) >= chunk_size:
+                yield chunk, prov
+                chunk, prov = [], []
+    except SourceError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"{path}: cannot be read by ase.io.iread: {exc}") from None
+    if chunk:
+        yield chunk, prov
 
 
 def generate(spec: GenerateSpec) -> list[Atoms]:

@@ -88,7 +88,7 @@ def test_registry_errors_name_spec_and_options():
         make_labeller("xtb", no_such_option=1)
     with pytest.raises(ValueError, match="no_such_module"):
         make_labeller("no_such_module:factory")
-    assert {"emt", "lj", "espresso", "cp2k", "xtb", "pyscf", "external", "faulty"} == set(available())
+    assert {"emt", "lj", "espresso", "cp2k", "xtb", "pyscf", "external", "faulty", "lookup"} == set(available())
 
 
 def test_constructor_errors_name_the_field(tmp_path):

@@ -22,7 +22,7 @@ from alforge.tasks.common import open_store
 from alforge.tasks.diagnostics import diagnostics
 from alforge.tasks.explore import explore
 from alforge.tasks.featurize import featurize
-from alforge.tasks.ingest import ingest_sources
+from alforge.tasks.ingest import ingest_pool, ingest_sources
 from alforge.tasks.label import label_outcomes, label_structure, labeller_identity
 from alforge.tasks.select import select_batch
 from alforge.tasks.train import evaluate_model, train_committee, train_model
@@ -94,6 +94,8 @@ def campaign(config_path: str) -> dict[str, Any]:
         ingest_sources(url, cid, cfg.test, "test", calculator, params_hash)
     if cfg.targets:  # structures of interest: featurized every iteration, never labelled
         ingest_sources(url, cid, cfg.targets, "target", None, None)
+    if cfg.exploration.pool:  # fixed candidates, stored once; labelled only when selected
+        ingest_pool(url, cid, cfg.exploration.pool, str(cfg.workdir))
     labeller_cfg = cfg.labeller
     if pause := _label(url, cid, labeller_cfg):
         return _pause(url, cid, cfg.name, pause)

@@ -27,6 +27,7 @@ class FailureClass(str, Enum):
     SCF_NOT_CONVERGED = "scf_not_converged"  # detected from the code's own output
     NON_FINITE = "non_finite"  # NaN/inf in energy, forces or stress
     IMPLAUSIBLE = "implausible"  # finite but beyond configured bounds (e.g. |F| too large)
+    NO_LABEL = "no_label"  # the labeller has no label for this structure (lookup: not in its files)
 
 
 class LabelFailure(Exception):

@@ -15,6 +15,8 @@ Defaults, and why:
   for a code without a hook there is nothing sensible to change, so it is not retried.
 * ``NON_FINITE`` / ``IMPLAUSIBLE`` — not retried: the structure itself is suspect (atoms on top of
   each other); it is the selector's job to learn from that, not the labeller's to insist.
+* ``NO_LABEL`` — never retried, and the structure is quarantined at once: a lookup labeller that does
+  not have a structure's label never will.
 * After ``quarantine_after`` failed attempts in total (across rounds), the structure is quarantined:
   the campaign never offers it to a labeller again.
 """
@@ -101,7 +103,11 @@ DEFAULT_MAX_RETRIES: dict[FailureClass, int] = {
     FailureClass.SCF_NOT_CONVERGED: 1,
     FailureClass.NON_FINITE: 0,
     FailureClass.IMPLAUSIBLE: 0,
+    FailureClass.NO_LABEL: 0,
 }
+
+#: Classes no retry and no later round can fix: the structure is quarantined at once.
+NEVER_LABELLABLE: frozenset[FailureClass] = frozenset({FailureClass.NO_LABEL})
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,8 @@ class RetryPolicy:
         failure_class = FailureClass(failure_class)
         history = [FailureClass(a.failure_class if isinstance(a, AttemptRecord) else a) for a in attempts]
         total = len(history) + 1
+        if failure_class in NEVER_LABELLABLE:
+            return Quarantine(f"{failure_class.value}: the labeller can never label this structure")
         if total >= self.quarantine_after:
             return Quarantine(f"{total} failed attempts (limit {self.quarantine_after}); last: {failure_class.value}")
         retries_used = history.count(failure_class)

@@ -6,7 +6,9 @@ nor any DFT code; a name's dependencies are imported only when that labeller is 
 * ``emt``, ``lj`` and any ``module:factory`` import path → :class:`ASECalculatorLabeller`
   (``max_force`` is the labeller's; every other kwarg goes to the calculator factory);
 * ``espresso``, ``cp2k``, ``xtb``, ``pyscf``, ``external``, ``faulty`` → their labeller classes,
-  with the kwargs their constructors document.
+  with the kwargs their constructors document;
+* ``lookup`` → :class:`~alforge.labelling.lookup.LookupLabeller`: the labels a file already holds
+  (``files``, ``energy_key``/``forces_key``/``stress_key``), matched by canonical structure hash.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ LABELLERS: dict[str, str] = {
     "pyscf": "alforge.labelling.pyscf_calc:PySCFLabeller",
     "external": "alforge.labelling.external:ExternalLabeller",
     "faulty": "alforge.labelling.faulty:FaultyLabeller",
+    "lookup": "alforge.labelling.lookup:LookupLabeller",
 }
 
 

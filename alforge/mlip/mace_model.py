@@ -109,14 +109,17 @@ def _reference_config(atoms: Atoms, index: int, what: str) -> mace_data.Configur
     """Convert a labelled ``Atoms`` (labels in ``atoms.calc.results``) into a mace ``Configuration``.
 
     Missing stress gives the structure a zero stress weight (mace's own convention), so periodic and
-    non-periodic structures can be trained together.
+    non-periodic structures can be trained together; missing forces (energy-only test structures)
+    likewise give zero forces with a zero forces weight, and :func:`evaluate` leaves them out of the
+    force errors.
     """
     name = _describe(atoms, index, what)
     results = atoms.calc.results if atoms.calc is not None else {}
-    if "energy" not in results or "forces" not in results:
-        raise ValueError(f"{name} has no reference 'energy' and 'forces' in atoms.calc.results")
+    if "energy" not in results:
+        raise ValueError(f"{name} has no reference 'energy' in atoms.calc.results")
     energy = float(results["energy"])
-    forces = np.asarray(results["forces"], dtype=float)
+    has_forces = results.get("forces") is not None
+    forces = np.asarray(results["forces"], dtype=float) if has_forces else np.zeros((len(atoms), 3))
     if forces.shape != (len(atoms), 3):
         raise ValueError(f"{name}: reference forces have shape {forces.shape}, expected ({len(atoms)}, 3)")
     stress = results.get("stress")
@@ -135,7 +138,7 @@ def _reference_config(atoms: Atoms, index: int, what: str) -> mace_data.Configur
         atomic_numbers=atoms.get_atomic_numbers().copy(),
         positions=atoms.get_positions(),
         properties={"energy": energy, "forces": forces, "stress": stress},
-        property_weights={"energy": 1.0, "forces": 1.0, "stress": 0.0 if stress is None else 1.0},
+        property_weights={"energy": 1.0, "forces": 1.0 if has_forces else 0.0, "stress": 0.0 if stress is None else 1.0},
         cell=np.array(atoms.get_cell()),
         pbc=tuple(bool(p) for p in atoms.pbc),
     )
@@ -307,7 +310,8 @@ class _ErrorAccumulator:
     def add(self, batch: Batch, output: dict[str, torch.Tensor | None]) -> None:
         num_atoms = batch.ptr[1:] - batch.ptr[:-1]
         self._add("energy", (output["energy"].detach() - batch.energy) / num_atoms)
-        self._add("forces", output["forces"].detach() - batch.forces)
+        has_forces = (batch.forces_weight > 0)[batch.batch]  # per atom: its structure has reference forces
+        self._add("forces", output["forces"].detach()[has_forces] - batch.forces[has_forces])
         if output.get("stress") is not None:
             has_stress = batch.stress_weight > 0
             self._add("stress", output["stress"].detach()[has_stress] - batch.stress[has_stress])
@@ -350,7 +354,8 @@ def evaluate(model_path: Path, atoms_list: list[Atoms], device: str = "auto", ba
     """Errors of a saved model against the reference labels in ``atoms.calc.results``.
 
     Returns ``energy_rmse_per_atom``/``energy_mae_per_atom`` (eV/atom), ``forces_rmse``/``forces_mae``
-    (eV/Å, per Cartesian component) and, when any structure has reference stress,
+    (eV/Å, per Cartesian component, over the structures with reference forces only; absent if none
+    has any) and, when any structure has reference stress,
     ``stress_rmse``/``stress_mae`` (eV/Å³, per 3×3 component, over those structures only), plus
     ``n_structures`` and ``n_atoms``.
     """

@@ -244,6 +244,32 @@ class Store:
         with self.session() as s:
             return list(s.scalars(q.order_by(models.Structure.id)))
 
+    def count_structures(self, campaign_id: int, role: str | None = None, source: str | None = None) -> int:
+        q = select(func.count()).select_from(models.Structure).where(models.Structure.campaign_id == campaign_id)
+        if role is not None:
+            q = q.where(models.Structure.role == role)
+        if source is not None:
+            q = q.where(models.Structure.source == source)
+        with self.session() as s:
+            return int(s.scalar(q))
+
+    def candidate_pool_ids(self, campaign_id: int, iteration_id: int) -> list[int]:
+        """The candidates selection may pick from in an iteration: its own MD frames plus every
+        structure of the fixed pool (source ``pool``, no iteration), all without a finished label and
+        not quarantined; sorted by id. (Failed, non-quarantined candidates of earlier MD iterations
+        are added by the caller: :meth:`failed_ids`.)"""
+        done = select(models.Label.structure_id).where(models.Label.status == "done")
+        q = select(models.Structure.id).where(
+            models.Structure.campaign_id == campaign_id,
+            models.Structure.role == "candidate",
+            models.Structure.quarantined.is_(False),
+            (models.Structure.iteration_id == iteration_id)
+            | ((models.Structure.source == "pool") & models.Structure.iteration_id.is_(None)),
+            models.Structure.id.not_in(done),
+        )
+        with self.session() as s:
+            return list(s.scalars(q.order_by(models.Structure.id)))
+
     # ---------------------------------------------------------------- labels
     def request_labels(
         self, structure_ids: Sequence[int], calculator: str, params_hash: str, retry_failed: bool = False
@@ -564,6 +590,37 @@ class Store:
                 .order_by(models.CommitteeMember.member)
             )
             return {m: p for m, p in rows}
+
+    def learning_curve(self, campaign_id: int) -> list[dict[str, Any]]:
+        """One row per iteration with a model: the labels it was trained on and its test errors.
+
+        ``n_labels`` counts the model's training structures (seeds + candidates labelled so far),
+        ``n_selected`` the candidates picked in that iteration (labelled before the next model);
+        ``test_*`` are the stored test metrics (None when there is no test set, or, for the force
+        metrics, when no test structure has forces).
+        """
+        models_by_iteration = {m.iteration_index: m for m in self.models(campaign_id)}
+        out = []
+        for it in self.iterations(campaign_id):
+            m = models_by_iteration.get(it.index)
+            if m is None:
+                continue
+            mt = m.metrics
+            sel = self.selection_for_iteration(it.id)
+            out.append({
+                "iteration": it.index,
+                "model_id": m.id,
+                "n_labels": int(len(m.train_ids)),
+                "n_selected": int(len(sel["picked_ids"])) if sel else 0,
+                "n_test": mt.get("n_test"),
+                "test_energy_rmse_per_atom": mt.get("test_energy_rmse_per_atom"),
+                "test_energy_mae_per_atom": mt.get("test_energy_mae_per_atom"),
+                "test_forces_rmse": mt.get("test_forces_rmse"),
+                "test_forces_mae": mt.get("test_forces_mae"),
+                "train_forces_rmse": mt.get("train_forces_rmse"),
+                "finished": it.finished_at is not None,
+            })
+        return out
 
     # ---------------------------------------------------------------- features
     def put_features(

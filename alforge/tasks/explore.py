@@ -1,4 +1,5 @@
-"""Run MD walkers with the iteration's model and store their frames as candidates."""
+"""Run MD walkers with the iteration's model and store their frames as candidates; return the
+iteration's candidate pool (its MD frames plus the unlabelled structures of a fixed pool)."""
 
 from __future__ import annotations
 
@@ -37,13 +38,18 @@ def _gamma_check(store_url: str, model_id: int, gamma_hi: float) -> Callable[[At
 def explore(
     store_url: str, campaign_id: int, iteration_id: int, model_id: int, cfg: ExplorationConfig, seed: int
 ) -> list[int]:
-    """Candidate structure ids of this iteration (the stored ones if it was already explored)."""
+    """Candidate structure ids of this iteration: its MD frames (the stored ones if it was already
+    explored) and every unlabelled, non-quarantined structure of the fixed pool."""
     from alforge.mlip.mace_model import load_calculator
 
     store = open_store(store_url)
     iteration = store.iteration(iteration_id)
     if iteration.explored:
-        return store.structure_ids(campaign_id, role="candidate", iteration_id=iteration_id)
+        return store.candidate_pool_ids(campaign_id, iteration_id)
+    if cfg.walkers == 0:  # pool only: nothing to run, but the iteration is explored
+        store.add_structures(campaign_id, [], role="candidate", source="md", iteration_id=iteration_id,
+                             completes_exploration=True)
+        return store.candidate_pool_ids(campaign_id, iteration_id)
     model = store.model(model_id)
     rng = np.random.default_rng([seed, iteration.index])
     starts = [int(i) for i in rng.choice(model.train_ids, size=cfg.walkers, replace=len(model.train_ids) < cfg.walkers)]
@@ -75,7 +81,8 @@ def explore(
             frames.append(frame)
             parents.append(start_id)
             provenance.append({k: frame.info[k] for k in ("walker", "md_step", "temperature_K", "model_id")})
-    return store.add_structures(
+    store.add_structures(
         campaign_id, frames, role="candidate", source="md", iteration_id=iteration_id,
         parent_ids=parents, provenance=provenance, completes_exploration=True,
     )
+    return store.candidate_pool_ids(campaign_id, iteration_id)

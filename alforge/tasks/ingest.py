@@ -1,12 +1,25 @@
-"""Load seed and test structures into the store, keeping labels that come with them."""
+"""Load seed, test and pool structures into the store, keeping labels that come with seeds and tests.
+
+Test structures may come with energy only (common for test sets): they are evaluated on energy
+alone. Seeds need forces, since they are trained on. Pool structures are stored as unlabelled
+candidates (any labels in the pool file are stripped; the ``lookup`` labeller reads them when picked).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
 from prefect import task
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
 from prefect.cache_policies import NO_CACHE
 
 from alforge.config import StructureSource
-from alforge.sources import SourceError, read_source
+from alforge.sources import SourceError, iter_source_chunks, read_source
 from alforge.storage.store import LabelRecord
 from alforge.tasks.common import open_store
 
@@ -29,7 +42,7 @@ def ingest_sources(
     store = open_store(store_url)
     all_ids: list[int] = []
     for source in sources:
-        structures, labels, origin = read_source(source)
+        structures, labels, origin = read_source(source, require_forces=role == "seed" or require_labels)
         if require_labels:
             unlabelled = [i for i, lab in enumerate(labels) if lab is None]
             if unlabelled:
@@ -57,3 +70,50 @@ def ingest_sources(
             already = set(store.labelled_ids(campaign_id))
             store.request_labels([i for i in unlabelled if i not in already], calculator, params_hash)
     return all_ids
+
+
+POOL = "pool"  # Structure.source of pool candidates (provenance: file, index, frame)
+
+
+def _pool_marker(workdir: str, source: StructureSource) -> Path:
+    """A file beside the campaign noting that ``source`` (as it is now on disk) was wholly ingested."""
+    ident: dict = source.model_dump(mode="json")
+    if source.file is not None:
+        st = os.stat(source.file)
+        ident["stat"] = [st.st_size, st.st_mtime_ns]
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(workdir) / "pool" / f"{digest}.json"
+
+
+@task(name="ingest-pool", tags=["ingest"], cache_policy=NO_CACHE)
+def ingest_pool(
+    store_url: str, campaign_id: int, sources: list[StructureSource], workdir: str, chunk_size: int = 1000
+) -> int:
+    """Store the pool as unlabelled ``candidate`` structures (source ``pool``, no iteration), reading
+    each file in chunks; returns how many pool candidates the store holds.
+
+    Idempotent: structures are deduplicated by canonical hash (a pool frame equal to a seed stays a
+    seed), and a source wholly ingested before (a marker under ``workdir/pool/`` that the store's
+    count of pool candidates confirms) is not read again, so resuming a campaign on a 1e5 pool is free.
+    """
+    store = open_store(store_url)
+    try:
+        logger = get_run_logger()
+    except MissingContextError:  # called as ingest_pool.fn outside a flow
+        logger = logging.getLogger(__name__)
+    for source in sources:
+        marker = _pool_marker(workdir, source)
+        if marker.exists():
+            recorded = json.loads(marker.read_text())
+            if store.count_structures(campaign_id, role="candidate", source=POOL) >= recorded["pool_total"]:
+                continue
+        added = 0
+        for structures, provenance in iter_source_chunks(source, chunk_size):
+            before = store.count_structures(campaign_id, role="candidate", source=POOL)
+            store.add_structures(campaign_id, structures, role="candidate", source=POOL, provenance=provenance)
+            added += store.count_structures(campaign_id, role="candidate", source=POOL) - before
+        total = store.count_structures(campaign_id, role="candidate", source=POOL)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"source": source.model_dump(mode="json"), "pool_total": total}))
+        logger.info("pool %s [%s]: %d new candidates, %d in the pool", source.file, source.index, added, total)
+    return store.count_structures(campaign_id, role="candidate", source=POOL)

@@ -40,7 +40,7 @@ def select_batch(
         # This iteration's MD frames, plus earlier candidates whose label failed but that are not
         # quarantined: a failed structure gets another labelling round only if it is picked again.
         labelled = set(store.labelled_ids(campaign_id))
-        fresh = store.structure_ids(campaign_id, role="candidate", iteration_id=iteration_id, include_quarantined=False)
+        fresh = store.candidate_pool_ids(campaign_id, iteration_id)  # + the unlabelled fixed pool
         retry = store.failed_ids(campaign_id, role="candidate")
         candidates = [i for i in dict.fromkeys(fresh + retry) if i not in labelled]
         ensure_features(store_url, model_id, retry)
