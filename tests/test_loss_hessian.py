@@ -184,12 +184,19 @@ def test_loss_hessian_equals_brute_force_gauss_newton(model_path: Path, train_se
 
 def test_batched_jacobians_equal_the_per_feature_loop(model_path: Path, train_set: list[Atoms]) -> None:
     from alforge.mlip.features import feature_jacobians
+    from alforge.mlip.jacobians import LossWeights, label_rows
 
     for atoms in (train_set[1], train_set[-1]):
-        (batched,) = feature_jacobians(model_path, [atoms], device="cpu")
         loop = _loop_jacobians(model_path, atoms)
-        assert batched.shape == loop.shape == (len(atoms), 3, loop.shape[2])
-        assert np.abs(batched - loop).max() <= 1e-10 * max(np.abs(loop).max(), 1.0)
+        for chunk in (None, 5, 1, "auto"):  # all d in one pass, chunks of 5, one by one, the default
+            (batched,) = feature_jacobians(model_path, [atoms], device="cpu", vjp_chunk=chunk)
+            assert batched.shape == loop.shape == (len(atoms), 3, loop.shape[2])
+            assert np.abs(batched - loop).max() <= 1e-10 * max(np.abs(loop).max(), 1.0)
+    # label rows with stress: one pass over all d equals the default chunking
+    one_pass = label_rows(model_path, train_set[:2], LossWeights(1.0, 1.0, 1.0), device="cpu", vjp_chunk=None)
+    default = label_rows(model_path, train_set[:2], LossWeights(1.0, 1.0, 1.0), device="cpu")
+    for a, b in zip(one_pass, default):
+        assert np.allclose(a.T @ a, b.T @ b, rtol=0, atol=1e-12 * np.abs(b.T @ b).max())
 
 
 def test_label_rows_are_a_compact_factor(model_path: Path, train_set: list[Atoms]) -> None:

@@ -236,20 +236,25 @@ def compute_features(
 
 
 def feature_jacobians(
-    model_path: Path | torch.nn.Module, atoms_list: Sequence[Atoms], device: str = "auto"
+    model_path: Path | torch.nn.Module,
+    atoms_list: Sequence[Atoms],
+    device: str = "auto",
+    vjp_chunk: int | None | str = "auto",
 ) -> list[np.ndarray]:
     """``∂f_s/∂r`` per structure as an ``(n_atoms, 3, d)`` array (the force term of the Hessian,
-    METHODS §2): ``−J·w`` are the model's forces. All ``d`` features in one batched backward pass
-    per structure (:func:`alforge.mlip.jacobians.structure_jacobians`); the compact, weighted rows
-    of the loss Hessian are :func:`alforge.mlip.jacobians.label_rows`."""
-    from alforge.mlip.jacobians import structure_jacobians
+    METHODS §2): ``−J·w`` are the model's forces. Vector–Jacobian products, ``vjp_chunk`` features
+    per batched backward pass (:func:`alforge.mlip.jacobians.structure_jacobians`; ``"auto"``: all
+    ``d`` in one pass on CUDA, one per pass on the CPU where batching was measured slower). The
+    compact, weighted rows of the loss Hessian are :func:`alforge.mlip.jacobians.label_rows`."""
+    from alforge.mlip.jacobians import default_vjp_chunk, structure_jacobians
 
     if not atoms_list:
         return []
     resolved, model, z_table, configs = _prepared(model_path, atoms_list, device)
+    chunk = default_vjp_chunk(resolved) if vjp_chunk == "auto" else vjp_chunk
     out: list[np.ndarray] = []
     with _hooked(model) as read, default_dtype(model_dtype(model)), torch.enable_grad():
         for batch in iterate_batches(configs, z_table, float(model.r_max), 1):
-            _, d_pos, _ = structure_jacobians(model, read, batch, resolved, with_stress=False)
+            _, d_pos, _ = structure_jacobians(model, read, batch, resolved, False, chunk)
             out.append(d_pos.permute(1, 2, 0).double().cpu().numpy())
     return out

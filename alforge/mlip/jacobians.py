@@ -15,9 +15,15 @@ trained loss is documented in :mod:`alforge.uncertainty.loss_hessian`.
 
 :func:`label_rows` returns, per structure, a compact factor ``R_s`` (``r_s × d``, ``r_s =
 min(rows, d)``) with ``R_sᵀR_s = G_sᵀG_s`` exactly (QR in float64): the rows a label-level selector
-adds to ``H`` when it picks ``s``. All ``d`` Jacobians ``∂f_s/∂(r, ε)`` come from one batched
-vector–Jacobian pass per structure (``torch.autograd.grad(..., is_grads_batched=True)``: the
-backward graph is vmapped over the ``d`` unit cotangents), instead of ``d`` backward passes.
+adds to ``H`` when it picks ``s``. The ``d`` Jacobians ``∂f_s/∂(r, ε)`` come from vector–Jacobian
+products with the ``d`` unit cotangents, ``vjp_chunk`` of them per batched backward pass
+(``torch.autograd.grad(..., is_grads_batched=True)``: the backward graph vmapped over the chunk).
+On CUDA the default is all ``d`` in one pass. On the CPU the default is one per pass, because
+there the batched pass was measured *slower* (``benchmarks/bench_jacobians.py``: d = 64, 63–64-atom
+Si cells, float64, one thread: 61–68 s per 1,000 atoms for d single passes, 193 s for one pass
+over all 64, chunks of 4–16 in between). The backward of a MACE is memory-bound elementwise work (``mul``,
+``sum``, ``fill_`` of the tensor-product and symmetric-contraction backward), so vmapping only
+multiplies the working set; there is no per-op overhead to amortise on the CPU.
 Structures are processed one at a time and compressed at once, so memory is that of one structure.
 """
 
@@ -36,10 +42,17 @@ from alforge.mlip.device import default_dtype
 from alforge.mlip.features import _hooked, _prepared
 from alforge.mlip.mace_model import iterate_batches, model_dtype
 
-__all__ = ["LossWeights", "has_cell", "label_rows", "structure_jacobians"]
+__all__ = ["LossWeights", "default_vjp_chunk", "has_cell", "label_rows", "structure_jacobians"]
 
 #: A cell with less volume than this (Å³) is no cell: no stress rows.
 _MIN_VOLUME = 1e-9
+#: Cotangents per backward pass on the CPU (module docstring: batching was slower there).
+CPU_VJP_CHUNK = 1
+
+
+def default_vjp_chunk(device: str | torch.device) -> int | None:
+    """Cotangents per backward pass: all (``None``) on CUDA, :data:`CPU_VJP_CHUNK` on the CPU."""
+    return None if torch.device(device).type == "cuda" else CPU_VJP_CHUNK
 
 
 @dataclass(frozen=True)
@@ -77,14 +90,14 @@ def has_cell(atoms: Atoms) -> bool:
 
 
 def structure_jacobians(
-    model: torch.nn.Module, read, batch, device: str, with_stress: bool
+    model: torch.nn.Module, read, batch, device: str, with_stress: bool, vjp_chunk: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(f_s, ∂f_s/∂r, ∂f_s/∂ε)`` of a one-structure batch: shapes ``(d,)``, ``(d, n, 3)``, ``(d, 3, 3)``.
 
     ``read`` is the reader yielded by :func:`alforge.mlip.features._hooked` on ``model``. The strain
     derivative (``None`` unless ``with_stress``) is taken with respect to mace's displacement
     tensor, which mace symmetrises and applies to positions and cell, so ``w · (1/V) ∂f_s/∂ε`` is
-    the model's stress. One batched backward pass over all ``d`` features.
+    the model's stress. ``vjp_chunk`` features per batched backward pass (``None``: all ``d`` in one).
     """
     data = batch.to(device).to_dict()
     positions = data["positions"]
@@ -96,8 +109,18 @@ def structure_jacobians(
         inputs.append(displacement)
     model(data, training=False, compute_force=False, compute_displacement=with_stress)
     f_s = read()[0].sum(dim=0)
-    eye = torch.eye(f_s.numel(), dtype=f_s.dtype, device=f_s.device)
-    grads = torch.autograd.grad(f_s, inputs, grad_outputs=eye, is_grads_batched=True)
+    d = f_s.numel()
+    chunk = d if vjp_chunk is None else max(1, min(int(vjp_chunk), d))
+    eye = torch.eye(d, dtype=f_s.dtype, device=f_s.device)
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for start in range(0, d, chunk):
+        stop = min(start + chunk, d)
+        cotangents = eye[start] if chunk == 1 else eye[start:stop]
+        grads = torch.autograd.grad(
+            f_s, inputs, grad_outputs=cotangents, is_grads_batched=chunk > 1, retain_graph=stop < d
+        )
+        parts.append(tuple(g.unsqueeze(0) if chunk == 1 else g for g in grads))
+    grads = [torch.cat([p[i] for p in parts]) for i in range(len(inputs))]
     return f_s.detach(), grads[0], (grads[1][:, 0] if with_stress else None)
 
 
@@ -115,6 +138,7 @@ def label_rows(
     device: str = "auto",
     stress: Sequence[bool] | None = None,
     forces: Sequence[bool] | None = None,
+    vjp_chunk: int | None | str = "auto",
 ) -> list[np.ndarray]:
     """Per structure, a float64 factor ``R_s`` (``r_s × d``) with ``R_sᵀR_s = G_sᵀG_s`` (module docstring).
 
@@ -122,7 +146,8 @@ def label_rows(
     ``device``). ``stress``: per structure, whether it gets stress rows (default: when it
     :func:`has_cell`); ignored when ``weights.stress`` is 0. ``forces``: per structure, whether it
     gets force rows (default: all). With ``weights.forces`` and ``weights.stress`` both 0 no Jacobian
-    is computed and each ``R_s`` is the single energy row.
+    is computed and each ``R_s`` is the single energy row. ``vjp_chunk``: cotangents per backward
+    pass (``"auto"``: :func:`default_vjp_chunk`; ``None``: all ``d`` in one pass).
     """
     if not structures:
         return []
@@ -133,6 +158,7 @@ def label_rows(
     flags = [has_cell(a) for a in structures] if stress is None else [bool(s) for s in stress]
     force_flags = [True] * len(structures) if forces is None else [bool(f) for f in forces]
     need_jacobian = weights.forces > 0 or weights.stress > 0
+    chunk = default_vjp_chunk(resolved) if vjp_chunk == "auto" else vjp_chunk
     out: list[np.ndarray] = []
     grad = torch.enable_grad() if need_jacobian else torch.no_grad()
     with _hooked(module) as read, default_dtype(model_dtype(module)), grad:
@@ -146,7 +172,7 @@ def label_rows(
                     f"structure {atoms.get_chemical_formula()} ({n} atoms) has no 3-D periodic cell for stress rows"
                 )
             if need_jacobian:
-                f_s, d_pos, d_strain = structure_jacobians(module, read, batch, resolved, with_stress)
+                f_s, d_pos, d_strain = structure_jacobians(module, read, batch, resolved, with_stress, chunk)
             else:
                 module(batch.to(resolved).to_dict(), training=False, compute_force=False)
                 f_s, d_pos, d_strain = read()[0].sum(dim=0), None, None

@@ -12,16 +12,19 @@ reference stress enters with weight 0 but still counts in the denominator (mace'
 and with the mean of batch means replaced by the dataset mean (exact for equal batches), the
 dataset loss is
 
-    L = λ_E/N_s Σ_s (Δe_s/n_s)²  +  λ_F/(3 N_atoms) Σ_sα ΔF_sα²  +  λ_σ/(9 N_s) Σ_{s with stress} Σ_ab Δσ_sab².
+    L = λ_E/N_s Σ_s (Δe_s/n_s)²  +  λ_F/(3 N_atoms) Σ_sα ΔF_sα²
+        +  λ_σ/(9 N_s) Σ_{s with stress} Σ_ab Δσ_sab².
 
-**The convention.** ``H`` is ``(N_s/2) ∇²_w L`` in its Gauss–Newton form (the labels are linear in the
-last-layer weights ``w``, :mod:`alforge.mlip.jacobians`), i.e. the loss scaled so that its energy
+**The convention.** ``H`` is ``(N_s/2) ∇²_w L`` in its Gauss–Newton form (the labels are linear in
+the last-layer weights ``w``, :mod:`alforge.mlip.jacobians`), i.e. the loss scaled so that its energy
 term is a plain sum over structures:
 
-    H = λ_E Σ_s (f_s/n_s)(f_s/n_s)ᵀ + λ_F κ_F Σ_s Σ_α J_sα J_sαᵀ + λ_σ κ_σ Σ_s Σ_ab S_sab S_sabᵀ + ς² I
+    H = λ_E Σ_s (f_s/n_s)(f_s/n_s)ᵀ + λ_F κ_F Σ_s Σ_α J_sα J_sαᵀ
+        + λ_σ κ_σ Σ_s Σ_ab S_sab S_sabᵀ + ς² I
 
 with ``J_sα = ∂f_s/∂r_α`` (only for structures with reference forces; mace counts every atom in
-the force mean, so ``N_atoms`` counts all of them), ``S_sab = (1/V_s) ∂f_s/∂ε_ab`` (only for structures trained with stress),
+the force mean, so ``N_atoms`` counts all of them), ``S_sab = (1/V_s) ∂f_s/∂ε_ab`` (only for
+structures trained with stress),
 ``κ_F = N_s / (3 N_atoms)`` and ``κ_σ = N_s / (9 N_s) = 1/9``, ``N_s`` and ``N_atoms`` counted on the
 training split the model was actually fitted to (from ``<model>.training.json``). So the relative
 weights of energy, force and stress rows are those of the trained loss, and one energy row of a
@@ -43,6 +46,7 @@ that keeps ``H`` positive definite without acting as a prior), and ``regularizer
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +61,8 @@ from alforge.mlip.mace_model import load_model, read_training_settings
 from alforge.uncertainty.rigidity import DEFAULT_REGULARIZER, Hessian, data_matrix
 
 __all__ = ["FORMS", "choose_regularizer", "loss_hessian", "loss_weights"]
+
+log = logging.getLogger(__name__)
 
 FORMS = ("loss", "energy")
 #: ``ς² = DEFAULT_RELATIVE_PRIOR · tr(H_data)/d`` when there is neither weight decay nor held-out data.
@@ -221,6 +227,12 @@ def loss_hessian(
         if settings is None:
             settings = read_training_settings(Path(model))
         module = load_model(Path(model), device)
+    if settings is not None and len(structures) != int(settings["n_structures"]):
+        log.warning(
+            "loss_hessian: %d structures given but the model was fitted to %d (κ_F uses the latter)",
+            len(structures),
+            int(settings["n_structures"]),
+        )
     weights = loss_weights(settings, structures, energy_weight, force_weight, stress_weight)
     if form == "energy":
         weights = LossWeights(weights.energy, 0.0, 0.0)
