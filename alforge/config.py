@@ -176,12 +176,21 @@ class LabellerConfig(_Strict):
 
 
 class UncertaintyConfig(_Strict):
-    """The last-layer Hessian behind the per-iteration PR/LPR/CPR and calibration diagnostics (METHODS §2)."""
+    """The one last-layer Hessian per model behind every selector, PR/LPR/CPR and σ² (METHODS §2).
 
-    regularizer: float = Field(1e-3, gt=0, description="ς in H = λ_E Σ f_s f_sᵀ + λ_F Σ JᵀJ + ς² I")
-    energy_weight: float = Field(1.0, ge=0, description="λ_E")
-    force_weight: float = Field(
-        0.0, ge=0, description="λ_F; > 0 adds the force term from feature Jacobians (one backward pass per feature)"
+    Its row weights (λ_E per-atom energy, λ_F forces, λ_σ stress) are read from the model's own
+    training settings, so ``H`` is the Gauss–Newton Hessian of the loss the model was trained with.
+    """
+
+    hessian: Literal["loss", "energy"] = Field(
+        "loss", description="'loss': energy + force (+ stress) rows as trained; 'energy': energy rows only"
+    )
+    regularizer: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="ς in H = data + ς² I; null: from the readout weight decay, else by the held-out "
+        "likelihood of the calibrated σ² on the model's validation split (recorded per iteration)",
     )
 
 

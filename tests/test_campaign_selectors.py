@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 TARGETS = [{"generate": {"element": "Cu", "a": 3.61, "supercells": [[2, 1, 1]], "count": 2,
                          "rattle": 0.12, "vacancies": 1, "seed": 7}}]
-SELECTORS = ["mig", "mmig", "qopt", "pr_augment", "dopt", "fps", "random", "committee"]
+SELECTORS = ["mig", "mig_label", "mmig", "qopt", "pr_augment", "dopt", "fps", "random", "committee"]
 PARAMS = {
     "dopt": {"threshold": 0.0},
     "committee": {"committee_size": 2, "sigma_lo": 0.0, "sigma_hi": 1e9, "order": "deviation"},
@@ -37,7 +37,7 @@ def test_campaign_with_selector(name, tmp_path, prefect_harness):
         selector={"name": name, "batch_size": 2, "params": PARAMS.get(name, {})},
         targets=TARGETS,
         mlip={"max_epochs": 3, "finetune_epochs": 2},
-        uncertainty={"force_weight": 1.0} if name == "mig" else {},
+        uncertainty={"hessian": "energy"} if name == "mig" else {},
         exploration={"walkers": 2, "steps": 9, "frame_interval": 3,
                      **({"gamma_hi": 1000.0} if name == "dopt" else {})},
     )
@@ -59,8 +59,11 @@ def test_campaign_with_selector(name, tmp_path, prefect_harness):
     assert cal["alpha2"] > 0 and 0 <= cal["conformal_coverage"] <= 1 and np.isfinite(cal["nll"])
     diag2 = json.loads(it2.summary_json)["diagnostics"]
     assert "pr_test" in diag2 and set(diag2["cpr_test"]) == {"readouts.0", "readouts.1"}
-    if name == "mig":  # this one runs with the energy+force Hessian
-        assert diag2["force_weight"] == 1.0
+    hessian = diag2["hessian"]
+    assert hessian["form"] == ("energy" if name == "mig" else "loss")
+    assert hessian["regularizer"] > 0 and hessian["regularizer_method"]
+    if hessian["form"] == "loss":
+        assert hessian["weights"]["forces"] > 0, "force rows weighted as trained"
     if name == "committee":
         m1, m2 = store.models(cid)
         assert len(store.committee_paths(m1.id)) == 1, "one extra member beside the model"

@@ -154,7 +154,7 @@ def test_training_settings_sidecar(model_path: Path, train_set: list[Atoms], tmp
 
 def test_weights_default_to_the_trained_loss(model_path: Path, train_set: list[Atoms]) -> None:
     from alforge.mlip.jacobians import LossWeights
-    from alforge.uncertainty.loss_hessian import loss_hessian
+    from alforge.uncertainty import loss_hessian
 
     hessian = loss_hessian(model_path, train_set, regularizer=0.1, device="cpu")
     n_atoms = sum(len(a) for a in train_set)
@@ -167,7 +167,7 @@ def test_weights_default_to_the_trained_loss(model_path: Path, train_set: list[A
 
 
 def test_loss_hessian_equals_brute_force_gauss_newton(model_path: Path, train_set: list[Atoms]) -> None:
-    from alforge.uncertainty.loss_hessian import loss_hessian
+    from alforge.uncertainty import loss_hessian
 
     regularizer = 0.05
     hessian = loss_hessian(model_path, train_set, regularizer=regularizer, device="cpu")
@@ -223,7 +223,7 @@ def test_label_rows_are_a_compact_factor(model_path: Path, train_set: list[Atoms
 def test_adding_a_structure_raises_its_pr_by_its_weight(model_path: Path, train_set, validation) -> None:
     from alforge.mlip.features import compute_features
     from alforge.mlip.jacobians import label_rows
-    from alforge.uncertainty.loss_hessian import loss_hessian
+    from alforge.uncertainty import loss_hessian
     from alforge.uncertainty.rigidity import Hessian, prediction_rigidity
 
     hessian = loss_hessian(model_path, train_set, regularizer=0.1, form="energy", device="cpu")
@@ -241,7 +241,7 @@ def test_adding_a_structure_raises_its_pr_by_its_weight(model_path: Path, train_
 
 
 def test_choose_regularizer(model_path: Path, train_set: list[Atoms], validation: list[Atoms]) -> None:
-    from alforge.uncertainty.loss_hessian import choose_regularizer, loss_hessian
+    from alforge.uncertainty import choose_regularizer, loss_hessian
 
     chosen = loss_hessian(model_path, train_set, validation=validation, device="cpu")
     assert np.isfinite(chosen.regularizer) and chosen.regularizer > 0

@@ -122,7 +122,9 @@ def campaign(config_path: str) -> dict[str, Any]:
                 train_committee(url, model_id, committee, cfg.mlip, str(cfg.workdir))
             budget = remaining_budget(cfg.stopping, cfg.selector.batch_size, selected_so_far)
             selector_cfg = cfg.selector.model_copy(update={"batch_size": budget})
-            last_selection = select_batch(url, cid, iteration_id, model_id, selector_cfg, calculator, params_hash)
+            last_selection = select_batch(
+                url, cid, iteration_id, model_id, selector_cfg, calculator, params_hash, cfg.uncertainty, cfg.seed
+            )
             selected = len(last_selection["picked"])
             if pause := _label(url, cid, labeller_cfg):
                 return _pause(url, cid, cfg.name, pause)

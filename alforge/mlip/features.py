@@ -246,7 +246,7 @@ def feature_jacobians(
     per batched backward pass (:func:`alforge.mlip.jacobians.structure_jacobians`; ``"auto"``: all
     ``d`` in one pass on CUDA, one per pass on the CPU where batching was measured slower). The
     compact, weighted rows of the loss Hessian are :func:`alforge.mlip.jacobians.label_rows`."""
-    from alforge.mlip.jacobians import default_vjp_chunk, structure_jacobians
+    from alforge.mlip.jacobians import atom_batches, default_vjp_chunk, structure_jacobians
 
     if not atoms_list:
         return []
@@ -254,7 +254,11 @@ def feature_jacobians(
     chunk = default_vjp_chunk(resolved) if vjp_chunk == "auto" else vjp_chunk
     out: list[np.ndarray] = []
     with _hooked(model) as read, default_dtype(model_dtype(model)), torch.enable_grad():
-        for batch in iterate_batches(configs, z_table, float(model.r_max), 1):
+        for group in atom_batches([len(a) for a in atoms_list]):
+            members = [configs[k] for k in group]
+            (batch,) = iterate_batches(members, z_table, float(model.r_max), len(members))
             _, d_pos, _ = structure_jacobians(model, read, batch, resolved, False, chunk)
-            out.append(d_pos.permute(1, 2, 0).double().cpu().numpy())
+            d_pos = d_pos.permute(1, 2, 0).double().cpu().numpy()  # (atoms of the batch, 3, d)
+            ptr = batch.ptr.cpu().numpy()
+            out.extend(d_pos[ptr[g] : ptr[g + 1]] for g in range(len(members)))
     return out

@@ -11,7 +11,7 @@ structure carries is linear in the last-layer weights ``w``:
 The Gauss–Newton Hessian of a weighted squared loss is then ``Σ_s G_sᵀ G_s`` where ``G_s`` stacks
 ``√λ_E · f_s/n_s``, ``√w_F · J_sα`` (3n rows) and ``√w_σ · (1/V) ∂f_s/∂ε`` (9 rows; signs drop out of
 ``GᵀG``). The per-row weights ``(λ_E, w_F, w_σ)`` are a :class:`LossWeights`; how they follow from the
-trained loss is documented in :mod:`alforge.uncertainty.loss_hessian`.
+trained loss is documented in :mod:`alforge.uncertainty.gauss_newton`.
 
 :func:`label_rows` returns, per structure, a compact factor ``R_s`` (``r_s × d``, ``r_s =
 min(rows, d)``) with ``R_sᵀR_s = G_sᵀG_s`` exactly (QR in float64): the rows a label-level selector
@@ -24,7 +24,10 @@ Si cells, float64, one thread: 61–68 s per 1,000 atoms for d single passes, 19
 over all 64, chunks of 4–16 in between). The backward of a MACE is memory-bound elementwise work (``mul``,
 ``sum``, ``fill_`` of the tensor-product and symmetric-contraction backward), so vmapping only
 multiplies the working set; there is no per-op overhead to amortise on the CPU.
-Structures are processed one at a time and compressed at once, so memory is that of one structure.
+What does amortise the passes is batching *structures*: graphs in a batch share no edges, so one
+backward pass per feature gives that feature's Jacobian for every structure of the batch
+(:func:`structure_jacobians`). Structures go in batches of about :data:`ATOMS_PER_BATCH` atoms and
+each is compressed at once, so memory is that of one batch.
 """
 
 from __future__ import annotations
@@ -92,36 +95,65 @@ def has_cell(atoms: Atoms) -> bool:
 def structure_jacobians(
     model: torch.nn.Module, read, batch, device: str, with_stress: bool, vjp_chunk: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(f_s, ∂f_s/∂r, ∂f_s/∂ε)`` of a one-structure batch: shapes ``(d,)``, ``(d, n, 3)``, ``(d, 3, 3)``.
+    """``(f, ∂f/∂r, ∂f/∂ε)`` of a batch of ``G`` graphs: shapes ``(G, d)``, ``(d, n_atoms, 3)``,
+    ``(d, G, 3, 3)``.
 
-    ``read`` is the reader yielded by :func:`alforge.mlip.features._hooked` on ``model``. The strain
-    derivative (``None`` unless ``with_stress``) is taken with respect to mace's displacement
-    tensor, which mace symmetrises and applies to positions and cell, so ``w · (1/V) ∂f_s/∂ε`` is
-    the model's stress. ``vjp_chunk`` features per batched backward pass (``None``: all ``d`` in one).
+    Graphs in a batch share no edges, so the gradient of ``Σ_s f_s[k]`` with respect to all
+    positions holds ``∂f_s[k]/∂r_j`` for every atom ``j`` of every structure ``s`` at once: one
+    backward pass per feature serves the whole batch (that, not vmapping cotangents, is what
+    amortises the per-pass overhead on the CPU). ``read`` is the reader yielded by
+    :func:`alforge.mlip.features._hooked` on ``model``. The strain derivative (``None`` unless
+    ``with_stress``) is taken with respect to mace's per-graph displacement tensor, which mace
+    symmetrises and applies to positions and cell, so ``w · (1/V) ∂f_s/∂ε`` is the model's stress.
+    ``vjp_chunk`` features per vmapped backward pass (``None``: all ``d`` in one).
     """
     data = batch.to(device).to_dict()
     positions = data["positions"]
     positions.requires_grad_(True)
     inputs = [positions]
+    n_graphs = int(batch.num_graphs)
     if with_stress:
-        displacement = torch.zeros((1, 3, 3), dtype=positions.dtype, device=positions.device, requires_grad=True)
+        displacement = torch.zeros(
+            (n_graphs, 3, 3), dtype=positions.dtype, device=positions.device, requires_grad=True
+        )
         data["displacement"] = displacement
         inputs.append(displacement)
     model(data, training=False, compute_force=False, compute_displacement=with_stress)
-    f_s = read()[0].sum(dim=0)
-    d = f_s.numel()
+    per_atom = read()[0]
+    f = torch.zeros((n_graphs, per_atom.shape[1]), dtype=per_atom.dtype, device=per_atom.device)
+    f = f.index_add(0, data["batch"], per_atom)
+    total = f.sum(dim=0)  # (d,): Σ_s f_s, whose gradient separates by structure
+    d = total.numel()
     chunk = d if vjp_chunk is None else max(1, min(int(vjp_chunk), d))
-    eye = torch.eye(d, dtype=f_s.dtype, device=f_s.device)
+    eye = torch.eye(d, dtype=total.dtype, device=total.device)
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, d, chunk):
         stop = min(start + chunk, d)
         cotangents = eye[start] if chunk == 1 else eye[start:stop]
         grads = torch.autograd.grad(
-            f_s, inputs, grad_outputs=cotangents, is_grads_batched=chunk > 1, retain_graph=stop < d
+            total, inputs, grad_outputs=cotangents, is_grads_batched=chunk > 1, retain_graph=stop < d
         )
         parts.append(tuple(g.unsqueeze(0) if chunk == 1 else g for g in grads))
     grads = [torch.cat([p[i] for p in parts]) for i in range(len(inputs))]
-    return f_s.detach(), grads[0], (grads[1][:, 0] if with_stress else None)
+    return f.detach(), grads[0], (grads[1] if with_stress else None)
+
+
+#: Atoms per batch in :func:`label_rows`: enough graphs to amortise each backward pass, few enough
+#: that one batch's backward graph stays small (about 100 MB for a 16-channel MACE).
+ATOMS_PER_BATCH = 256
+
+
+def atom_batches(sizes: Sequence[int], atoms_per_batch: int = ATOMS_PER_BATCH) -> list[range]:
+    """Consecutive structure ranges of at most ``atoms_per_batch`` atoms (one structure at least)."""
+    out, start, count = [], 0, 0
+    for k, n in enumerate(sizes):
+        if k > start and count + n > atoms_per_batch:
+            out.append(range(start, k))
+            start, count = k, 0
+        count += n
+    if start < len(sizes):
+        out.append(range(start, len(sizes)))
+    return out
 
 
 def _compress(rows: np.ndarray) -> np.ndarray:
@@ -161,27 +193,41 @@ def label_rows(
     chunk = default_vjp_chunk(resolved) if vjp_chunk == "auto" else vjp_chunk
     out: list[np.ndarray] = []
     grad = torch.enable_grad() if need_jacobian else torch.no_grad()
+    r_max = float(module.r_max)
     with _hooked(module) as read, default_dtype(model_dtype(module)), grad:
-        for atoms, flag, force_flag, batch in zip(
-            structures, flags, force_flags, iterate_batches(configs, z_table, float(module.r_max), 1), strict=True
-        ):
-            n = len(atoms)
-            with_stress = weights.stress > 0 and flag
-            if with_stress and not has_cell(atoms):
-                raise ValueError(
-                    f"structure {atoms.get_chemical_formula()} ({n} atoms) has no 3-D periodic cell for stress rows"
-                )
+        for group in atom_batches([len(a) for a in structures]):
+            members = list(group)
+            for k in members:
+                if weights.stress > 0 and flags[k] and not has_cell(structures[k]):
+                    atoms = structures[k]
+                    raise ValueError(
+                        f"structure {k} ({atoms.get_chemical_formula()}, {len(atoms)} atoms) has no 3-D "
+                        "periodic cell for stress rows"
+                    )
+            with_stress = weights.stress > 0 and any(flags[k] for k in members)
+            (batch,) = iterate_batches([configs[k] for k in members], z_table, r_max, len(members))
             if need_jacobian:
-                f_s, d_pos, d_strain = structure_jacobians(module, read, batch, resolved, with_stress, chunk)
+                f, d_pos, d_strain = structure_jacobians(module, read, batch, resolved, with_stress, chunk)
+                d_pos = d_pos.double().cpu().numpy()  # (d, atoms of the batch, 3)
             else:
-                module(batch.to(resolved).to_dict(), training=False, compute_force=False)
-                f_s, d_pos, d_strain = read()[0].sum(dim=0), None, None
-            blocks = [np.sqrt(weights.energy) * f_s.double().cpu().numpy()[None, :] / n]
-            if weights.forces > 0 and force_flag:
-                jac = d_pos.double().cpu().numpy()  # (d, n, 3)
-                blocks.append(np.sqrt(weights.forces) * jac.reshape(len(jac), -1).T)
-            if with_stress:
-                strain = d_strain.double().cpu().numpy()  # (d, 3, 3)
-                blocks.append(np.sqrt(weights.stress) / abs(atoms.cell.volume) * strain.reshape(len(strain), 9).T)
-            out.append(_compress(np.concatenate(blocks, axis=0)))
+                data = batch.to(resolved).to_dict()
+                module(data, training=False, compute_force=False)
+                per_atom = read()[0]
+                f = torch.zeros((len(members), per_atom.shape[1]), dtype=per_atom.dtype, device=per_atom.device)
+                f = f.index_add(0, data["batch"], per_atom)
+                d_pos = d_strain = None
+            f = f.double().cpu().numpy()
+            ptr = batch.ptr.cpu().numpy()
+            for g, k in enumerate(members):
+                atoms, n = structures[k], len(structures[k])
+                blocks = [np.sqrt(weights.energy) * f[g][None, :] / n]
+                if weights.forces > 0 and force_flags[k]:
+                    jac = d_pos[:, ptr[g] : ptr[g + 1]]  # (d, n, 3)
+                    blocks.append(np.sqrt(weights.forces) * jac.reshape(len(jac), -1).T)
+                if weights.stress > 0 and flags[k]:
+                    strain = d_strain[:, g].double().cpu().numpy()  # (d, 3, 3)
+                    blocks.append(
+                        np.sqrt(weights.stress) / abs(atoms.cell.volume) * strain.reshape(len(strain), 9).T
+                    )
+                out.append(_compress(np.concatenate(blocks, axis=0)))
     return out

@@ -14,7 +14,7 @@ no stress loss.
 Beside every saved model, ``<model path>.training.json`` records the loss it was trained with (the
 λ's, whether stress was trained, batch size, readout weight decay, dtype) and the exact training
 split (sizes and indices into the ``train`` list), so the loss-consistent Hessian
-(:mod:`alforge.uncertainty.loss_hessian`) can be rebuilt from the model alone; read it with
+(:mod:`alforge.uncertainty.gauss_newton`) can be rebuilt from the model alone; read it with
 :func:`read_training_settings`.
 """
 

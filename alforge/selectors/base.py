@@ -75,6 +75,11 @@ class Selector:
     #: True if ``select`` needs ``targets=`` (feature rows of the structures the model must become
     #: good at); campaigns then require a ``targets:`` section.
     needs_targets: bool = False
+    #: True if ``select`` reads ``hessian=`` (the campaign then passes the model's one stored ``H``).
+    uses_hessian: bool = False
+    #: whether ``select`` reads ``label_rows=``: "none", "optional" (used for the update after a
+    #: pick) or "required" (scored by them).
+    label_rows: str = "none"
 
     def get_params(self) -> dict[str, Any]:
         """The constructor arguments, read back from attributes of the same name."""

@@ -129,6 +129,8 @@ class LabelMaxInformationGain(Selector):
     """
 
     name = "mig_label"
+    uses_hessian = True
+    label_rows = "required"
 
     def __init__(self, regularizer: float = DEFAULT_REGULARIZER) -> None:
         self.regularizer = regularizer

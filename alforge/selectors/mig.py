@@ -116,6 +116,7 @@ class MaxInformationGain(Selector):
     """
 
     name = "mig"
+    uses_hessian = True
 
     def __init__(self, regularizer: float = DEFAULT_REGULARIZER, weight: float = 1.0) -> None:
         self.regularizer = regularizer

@@ -54,6 +54,8 @@ class _TargetAwareSelector(Selector):
     """Shared greedy loop; subclasses define :meth:`_scores`."""
 
     needs_targets = True
+    uses_hessian = True
+    label_rows = "optional"
     #: update by a noiseless observation of ``f_c`` (λ → ∞) when no ``label_rows`` are given
     noiseless_update = False
 

@@ -1,8 +1,9 @@
 """Per-iteration uncertainty diagnostics (METHODS §2 and §8), stored with the iteration.
 
-From the model's last-layer features: the energy-only Gauss–Newton Hessian of its training set,
-the distribution of PR over candidates and the test set, of LPR over their atoms, and the
-calibration of ``σ² = α² f_sᵀH⁻¹f_s`` against the test set's energy residuals: α² (eq. 26) on one
+From the model's last-layer features and its one stored Hessian (the Gauss–Newton Hessian of the
+loss it was trained with, or the energy-only form when the campaign asks for it): the form, row
+weights and ς of that Hessian and how ς was chosen, the distribution of PR over candidates and the
+test set, of LPR over their atoms, and the calibration of ``σ² = α² f_sᵀH⁻¹f_s`` against the test set's energy residuals: α² (eq. 26) on one
 half, ENCE, miscalibration area, NLL, Spearman and conformal coverage on the other.
 """
 
@@ -17,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from alforge.config import UncertaintyConfig
 from alforge.tasks.common import open_store
 from alforge.tasks.featurize import LAST_LAYER, model_energies, structure_features
+from alforge.tasks.hessian import ensure_hessian
 from alforge.uncertainty import calibration as cal
 from alforge.uncertainty.rigidity import (
     Hessian,
@@ -60,22 +62,22 @@ def calibration_report(residuals: np.ndarray, variances: np.ndarray) -> dict[str
 
 
 def model_hessian(store_url: str, model_id: int, cfg: UncertaintyConfig) -> Hessian:
-    """``H`` of the model's training set; with ``force_weight`` the force term from feature Jacobians."""
-    store = open_store(store_url)
-    model = store.model(model_id)
-    train_ids = [int(i) for i in model.train_ids]
-    jacobians = None
-    if cfg.force_weight > 0:
-        from alforge.mlip.features import feature_jacobians
+    """The model's one stored ``H`` (``cfg.hessian`` form, ``cfg.regularizer`` or the chosen ς).
 
-        jacobians = feature_jacobians(Path(model.path), store.get_atoms(train_ids))
-    return Hessian.from_features(
-        structure_features(store_url, model_id, train_ids),
-        regularizer=cfg.regularizer,
-        energy_weight=cfg.energy_weight,
-        force_jacobians=jacobians,
-        force_weight=cfg.force_weight,
-    )
+    The same object every selector of the iteration reads (:func:`alforge.tasks.hessian.ensure_hessian`):
+    computed once per model from the structures it was fitted to, stored, reused.
+    """
+    return ensure_hessian(store_url, model_id, form=cfg.hessian, regularizer=cfg.regularizer)
+
+
+def hessian_record(hessian: Hessian) -> dict:
+    """What an iteration records of its ``H``: form, row weights, ς and how ς was chosen."""
+    return {
+        "form": hessian.form,
+        "weights": hessian.weights.to_dict() if hessian.weights is not None else None,
+        "regularizer": hessian.regularizer,
+        "regularizer_method": hessian.regularizer_method,
+    }
 
 
 @task(name="diagnostics", tags=["diagnostics"], cache_policy=NO_CACHE)
@@ -88,7 +90,7 @@ def diagnostics(
     store = open_store(store_url)
     hessian = model_hessian(store_url, model_id, cfg)
     test_ids = store.labelled_ids(campaign_id, role="test")
-    out: dict = {"regularizer": cfg.regularizer, "energy_weight": cfg.energy_weight, "force_weight": cfg.force_weight}
+    out: dict = {"hessian": hessian_record(hessian)}
     for name, ids in (("candidates", candidate_ids), ("test", test_ids)):
         if not ids:
             continue

@@ -13,6 +13,7 @@ from alforge.tasks.common import open_store
 LAST_LAYER = "last_layer"
 INVARIANT = "invariant"
 ENERGY = "energy"  # the model's energy of the structure, shape (1,): residuals for calibration
+LABEL_ROWS = "label_rows"  # R_s with R_sᵀR_s = the loss Gauss–Newton rows a label adds (mlip/jacobians.py)
 CHUNK = 256  # structures per compute-and-store round: bounded memory, steady progress in the store
 
 
@@ -64,3 +65,23 @@ def atom_features(store_url: str, model_id: int, structure_ids: list[int]) -> tu
         return np.empty((0, 0)), np.empty(0, dtype=np.int64)
     groups = np.concatenate([np.full(len(f), k, dtype=np.int64) for k, f in enumerate(per_atom)])
     return np.concatenate(per_atom), groups
+
+
+def ensure_label_rows(store_url: str, model_id: int, structure_ids: list[int]) -> list[np.ndarray]:
+    """Per structure, the compact factor ``R_s`` of the energy + force (+ stress) rows its label
+    adds to the model's loss Hessian (weights as trained); computed once per (structure, model)."""
+    from alforge.mlip.jacobians import label_rows
+    from alforge.mlip.mace_model import read_training_settings
+    from alforge.uncertainty.gauss_newton import loss_weights
+
+    store = open_store(store_url)
+    ids = list(dict.fromkeys(structure_ids))
+    todo = store.missing_features(model_id, LABEL_ROWS, ids)
+    if todo:
+        path = Path(store.model(model_id).path)
+        weights = loss_weights(read_training_settings(path), [])
+        for start in range(0, len(todo), CHUNK):
+            chunk = todo[start : start + CHUNK]
+            rows = label_rows(path, store.get_atoms(chunk), weights)
+            store.put_features(model_id, {LABEL_ROWS: (dict(zip(chunk, rows)), "<f8")})
+    return store.get_features(model_id, LABEL_ROWS, structure_ids)

@@ -1,7 +1,7 @@
 """The model's loss-consistent last-layer Hessian, computed once and kept in the store (no Prefect).
 
 :func:`ensure_hessian` returns the stored ``H`` of a (model, form), or builds it with
-:func:`alforge.uncertainty.loss_hessian.loss_hessian` from the structures the model was actually
+:func:`alforge.uncertainty.gauss_newton` from the structures the model was actually
 fitted to (its ``train_ids`` narrowed to the training split recorded in ``<model>.training.json``),
 stores it and returns it. By default ``ς`` is chosen on the structures that training held out for
 validation (the same split), which the loss never saw.
@@ -46,7 +46,7 @@ def ensure_hessian(
     """The model's Hessian of ``form`` (``"loss"`` or ``"energy"``): from the store, else computed and stored.
 
     ``regularizer`` (ς): ``None`` uses the stored choice, or chooses one when computing
-    (:func:`alforge.uncertainty.loss_hessian.choose_regularizer`) on the held-out energies of
+    (:func:`alforge.uncertainty.choose_regularizer`) on the held-out energies of
     ``validation_ids`` (default: the model's own validation split). An explicit ``ς`` different
     from the stored one is applied to the stored data term (``H − ς_old² I + ς² I``) and not stored.
     """
@@ -56,7 +56,7 @@ def ensure_hessian(
     stored = store.get_hessian(model_id, form)
     if stored is None:
         from alforge.mlip.mace_model import read_training_settings
-        from alforge.uncertainty.loss_hessian import loss_hessian
+        from alforge.uncertainty.gauss_newton import loss_hessian
 
         info = store.model(model_id)
         settings = read_training_settings(Path(info.path))

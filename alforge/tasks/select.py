@@ -1,8 +1,14 @@
 """Pick the iteration's batch with the configured selector and request labels for it.
 
-This is the thin adapter between the store and the array-only selectors: it assembles feature
-matrices (structure-level ``f_s`` or per-atom rows with groups, by the selector's ``level``),
-calls ``select`` and records the result verbatim (selector, parameters, ids, scores).
+This is the thin adapter between the store and the array-only selectors: it assembles what the
+selector declares it needs (structure rows or per-atom rows with groups, by its ``level``; the
+model's one stored Hessian for ``uses_hessian``; the label blocks for ``label_rows``; targets;
+committee deviations), calls ``select`` and records the result verbatim (selector, parameters,
+ids, scores).
+
+Structure rows of ``H``-based selectors are ``f_s / n_s``, the per-atom energy row the loss is
+trained on (METHODS §2), with the training energy weight λ_E as the selector's ``weight`` unless
+the campaign file sets one: then a structure-level score and the loss Hessian are in the same units.
 """
 
 from __future__ import annotations
@@ -11,16 +17,56 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from alforge.config import SelectorConfig
+from alforge.config import SelectorConfig, UncertaintyConfig
 from alforge.selectors import make_selector
+from alforge.selectors.base import Selector
 from alforge.tasks.common import open_store
-from alforge.tasks.featurize import atom_features, ensure_features, structure_features
+from alforge.tasks.featurize import (
+    LAST_LAYER,
+    atom_features,
+    ensure_features,
+    ensure_label_rows,
+    structure_features,
+)
+from alforge.tasks.hessian import ensure_hessian
+from alforge.uncertainty.rigidity import Hessian
 
 
 def _numbers(store, structure_ids: list[int]) -> np.ndarray:
     """Atomic number of every atom, structure after structure (the rows of ``atom_features``)."""
     atoms = store.get_atoms(structure_ids)
     return np.concatenate([a.numbers for a in atoms]) if atoms else np.empty(0, dtype=int)
+
+
+def iteration_seed(base: int, iteration_index: int) -> int:
+    """A fresh seed per iteration, derived from the campaign's (or the selector's) seed."""
+    return int(np.random.SeedSequence([int(base), int(iteration_index)]).generate_state(1)[0])
+
+
+def energy_rows(store_url: str, model_id: int, structure_ids: list[int]) -> np.ndarray:
+    """``f_s / n_s`` per structure: the per-atom energy row of the trained loss."""
+    per_atom = open_store(store_url).get_features(model_id, LAST_LAYER, structure_ids)
+    return np.stack([f.sum(axis=0) / len(f) for f in per_atom]) if per_atom else np.empty((0, 0))
+
+
+def _label_blocks(store_url: str, model_id: int, ids: list[int], hessian: Hessian) -> list[np.ndarray]:
+    """What a label of each structure adds to ``H``: its energy + force (+ stress) rows for the
+    loss form, its weighted energy row for the energy-only form."""
+    if hessian.form == "energy":
+        return list(np.sqrt(hessian.weights.energy) * energy_rows(store_url, model_id, ids)[:, None, :])
+    return ensure_label_rows(store_url, model_id, ids)
+
+
+def _configured(cfg: SelectorConfig, seed: int, iteration_index: int, hessian: Hessian | None) -> Selector:
+    """The selector with this iteration's seed (random, committee) and λ_E as its row weight."""
+    params = dict(cfg.params)
+    probe = make_selector(cfg.name, **params)
+    current = probe.get_params()
+    if "seed" in current:
+        params["seed"] = iteration_seed(params.get("seed", seed), iteration_index)
+    if hessian is not None and "weight" in current and "weight" not in cfg.params:
+        params["weight"] = hessian.weights.energy
+    return make_selector(cfg.name, **params)
 
 
 @task(name="select", tags=["select"], cache_policy=NO_CACHE)
@@ -32,6 +78,8 @@ def select_batch(
     cfg: SelectorConfig,
     calculator: str,
     params_hash: str,
+    uncertainty: UncertaintyConfig,
+    seed: int = 0,
 ) -> dict:
     """``{'picked': ids, 'scores': [...]}`` of this iteration; reuses a stored selection."""
     store = open_store(store_url)
@@ -45,8 +93,11 @@ def select_batch(
         candidates = [i for i in dict.fromkeys(fresh + retry) if i not in labelled]
         ensure_features(store_url, model_id, retry)
         train_ids = [int(i) for i in store.model(model_id).train_ids]
-        selector = make_selector(cfg.name, **cfg.params)
-        context: dict = {}
+        hessian = None
+        if make_selector(cfg.name, **cfg.params).uses_hessian:
+            hessian = ensure_hessian(store_url, model_id, form=uncertainty.hessian, regularizer=uncertainty.regularizer)
+        selector = _configured(cfg, seed, store.iteration(iteration_id).index, hessian)
+        context: dict = {} if hessian is None else {"hessian": hessian}
         committee = getattr(selector, "committee_size", 0)
         if committee and candidates:
             from alforge.mlip.committee import max_force_deviation
@@ -57,7 +108,10 @@ def select_batch(
             context["force_deviation"] = max_force_deviation(paths[:committee], store.get_atoms(candidates))
         if selector.needs_targets:
             target_ids = store.structure_ids(campaign_id, role="target")
-            context["targets"] = structure_features(store_url, model_id, target_ids)
+            rows = energy_rows if hessian is not None else structure_features
+            context["targets"] = rows(store_url, model_id, target_ids)
+        if selector.label_rows != "none" and candidates:
+            context["label_rows"] = _label_blocks(store_url, model_id, candidates, hessian)
         if not candidates:
             picked, scores, info = [], np.empty(0), {"reason": "no candidates"}
         else:
@@ -71,6 +125,8 @@ def select_batch(
                     "train_elements": _numbers(store, train_ids),
                 }
                 result = selector.select(cand_rows, cfg.batch_size, train=train_rows, **context)
+            elif hessian is not None:
+                result = selector.select(energy_rows(store_url, model_id, candidates), cfg.batch_size, **context)
             else:
                 result = selector.select(
                     structure_features(store_url, model_id, candidates),
@@ -86,4 +142,10 @@ def select_batch(
     picked = [int(i) for i in stored["picked_ids"]]
     # idempotent (resumes a crash right here); a re-picked failed structure starts a new round
     store.request_labels(picked, calculator, params_hash, retry_failed=True)
-    return {"picked": picked, "scores": [float(s) for s in stored["scores"]], "n_candidates": len(stored["candidate_ids"])}
+    return {
+        "picked": picked,
+        "scores": [float(s) for s in stored["scores"]],
+        "n_candidates": len(stored["candidate_ids"]),
+        "selector": stored["selector"],
+        "params": stored["params"],
+    }

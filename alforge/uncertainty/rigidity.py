@@ -7,7 +7,7 @@ weights ``w`` (``E = Σ_j w·f_j``):
 
 with ``R_s`` the (weighted) label rows of training structure ``s``. The loss-consistent form (the
 loss the MACE model was trained with: energy per atom, forces, stress) is built by
-:func:`alforge.uncertainty.loss_hessian.loss_hessian` through :meth:`Hessian.from_label_rows`;
+:func:`alforge.uncertainty.gauss_newton` through :meth:`Hessian.from_label_rows`;
 :meth:`Hessian.from_features` keeps the older ``λ_E Σ f_s f_sᵀ + λ_F Σ JᵀJ`` assembly from arrays.
 
 factored once in float64 (one Cholesky, O(d³)). A query ``fᵀH⁻¹f`` is then ``‖L⁻¹f‖²``: a triangular
