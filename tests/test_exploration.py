@@ -60,7 +60,7 @@ def test_extrapolation_grade_stop(tmp_path):
     from alforge.mlip.features import compute_features
     from alforge.mlip.mace_model import load_model, train_mace
     from alforge.mlip.params import MACEParams
-    from alforge.selectors.dopt import active_set_inverses
+    from alforge.selectors.dopt import active_sets
 
     train = []
     for k in range(8):
@@ -74,8 +74,10 @@ def test_extrapolation_grade_stop(tmp_path):
     feats = compute_features(path, train)
     rows = np.concatenate([f.last_layer for f in feats])
     numbers = np.concatenate([a.numbers for a in train])
-    inverses = active_set_inverses(rows, numbers)
+    inverses = active_sets(rows, numbers)
     assert set(inverses) == {29}
+    few = active_sets(rows[:3], numbers[:3])  # rank-deficient: still a finite grade
+    assert np.isfinite(structure_grade(few, np.array([29]), rows[5:6]))
     for atoms, f in zip(train, feats):
         assert structure_grade(inverses, atoms.numbers, f.last_layer) <= 1.01 + 1e-9, "training atoms interpolate"
     far = _cu(0.35, seed=99)

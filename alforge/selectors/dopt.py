@@ -270,6 +270,11 @@ def build_active_set(
     with single_threaded_blas():
         inverse = np.linalg.inv(coords[result.rows])
     scale = span_tol * float(np.sqrt(np.mean(np.einsum("ij,ij->i", active, active))))
+    if basis is not None:
+        # The training rows' own out-of-span residuals (at most the first discarded singular
+        # value) set the floor, so a training atom never grades above 1 for lying outside the span.
+        residual = pool - coords @ basis.T
+        scale = max(scale, float(np.sqrt(np.einsum("ij,ij->i", residual, residual).max())))
     return ActiveSet(active, basis, inverse, scale)
 
 

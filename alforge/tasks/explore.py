@@ -22,7 +22,7 @@ def _gamma_check(store_url: str, model_id: int, gamma_hi: float) -> Callable[[At
     """Active sets from the model's own training atoms, and a per-frame γ check against them."""
     from alforge.exploration.extrapolation import gamma_check
     from alforge.mlip.mace_model import load_model
-    from alforge.selectors.dopt import active_set_inverses
+    from alforge.selectors.dopt import active_sets
 
     store = open_store(store_url)
     model = store.model(model_id)
@@ -30,8 +30,8 @@ def _gamma_check(store_url: str, model_id: int, gamma_hi: float) -> Callable[[At
     ensure_features(store_url, model_id, train_ids)
     rows, _ = atom_features(store_url, model_id, train_ids)
     numbers = np.concatenate([a.numbers for a in store.get_atoms(train_ids)])
-    inverses = {int(z): inv for z, inv in active_set_inverses(rows, numbers).items()}
-    return gamma_check(load_model(Path(model.path)), inverses, gamma_hi)
+    active = {int(z): aset for z, aset in active_sets(rows, numbers).items()}
+    return gamma_check(load_model(Path(model.path)), active, gamma_hi)
 
 
 @task(name="explore", tags=["explore"], cache_policy=NO_CACHE)
