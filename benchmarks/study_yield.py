@@ -248,7 +248,7 @@ def select(
     hessian = loss_hessian(model, train, form=arm.form, validation=data.valid)
     context: dict = {"hessian": hessian}
     weights = hessian.weights
-    if arm.form == "loss":
+    if arm.form == "loss" and selector.label_rows != "none":
         context["label_rows"] = label_rows(model, pool, weights, device="cpu")
     if selector.needs_targets:
         context["targets"] = features(model, data.targets).per_atom_energy_rows
@@ -380,6 +380,8 @@ def report(rows: list[dict], out: Path, header: str) -> str:
         if not force:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax in axes:  # up to 13 arms: 20 distinct colours
+            ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
         for arm, (labels, mean, std, n) in sorted(force.items()):
             style = "--" if arm.endswith("@energy") else "-"
             for ax, data in ((axes[0], force), (axes[1], energy)):

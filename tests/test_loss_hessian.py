@@ -16,12 +16,10 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
-from ase.build import bulk
-from ase.calculators.emt import EMT
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import voigt_6_to_full_3x3_stress
 
 from alforge.mlip.params import MACEParams
+from cu_cells import cu_cells, cu_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -29,44 +27,14 @@ TINY = dict(num_channels=8, max_L=0, max_ell=2, mlp_irreps="8x0e", batch_size=3,
 WEIGHTS = dict(energy_weight=10.0, forces_weight=100.0, stress_weight=50.0)
 
 
-def _label(atoms: Atoms, stress: bool = True) -> Atoms:
-    atoms.calc = EMT()
-    results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
-    if stress:
-        results["stress"] = atoms.get_stress()
-    atoms.calc = SinglePointCalculator(atoms, **results)
-    return atoms
-
-
-def _cells(n: int, seed: int) -> list[Atoms]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        atoms = bulk("Cu", "fcc", 3.6, cubic=True)
-        if i % 2:
-            atoms = atoms.repeat((2, 1, 1))
-        atoms.set_cell(atoms.cell @ (np.eye(3) + rng.uniform(-0.02, 0.02, (3, 3))), scale_atoms=True)
-        atoms.rattle(0.08, seed=int(rng.integers(2**31)))
-        out.append(_label(atoms))
-    return out
-
-
-def _cluster() -> Atoms:
-    atoms = bulk("Cu", "fcc", 3.6, cubic=True).repeat((2, 1, 1))
-    atoms.pbc = False
-    atoms.cell = None
-    atoms.rattle(0.05, seed=3)
-    return _label(atoms, stress=False)
-
-
 @pytest.fixture(scope="module")
 def train_set() -> list[Atoms]:
-    return _cells(5, seed=0) + [_cluster()]
+    return cu_cells(5, seed=0) + [cu_cluster()]
 
 
 @pytest.fixture(scope="module")
 def validation() -> list[Atoms]:
-    return _cells(4, seed=7)
+    return cu_cells(4, seed=7)
 
 
 @pytest.fixture(scope="module")

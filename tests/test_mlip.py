@@ -12,9 +12,6 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
-from ase.build import bulk
-from ase.calculators.emt import EMT
-from ase.calculators.singlepoint import SinglePointCalculator
 
 from alforge.mlip.features import compute_features, last_layer_weights
 from alforge.mlip.mace_model import (
@@ -26,46 +23,14 @@ from alforge.mlip.mace_model import (
     train_mace,
 )
 from alforge.mlip.params import MACEParams
+from cu_cells import cu_cells, cu_cluster
 
 TINY = dict(num_channels=8, max_L=0, max_ell=2, mlp_irreps="8x0e", batch_size=4, device="cpu")
 
 
-def _label(atoms: Atoms, stress: bool = True) -> Atoms:
-    """Attach EMT reference labels the way the labeller stores them (a SinglePointCalculator)."""
-    atoms.calc = EMT()
-    results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
-    if stress:
-        results["stress"] = atoms.get_stress()
-    atoms.calc = SinglePointCalculator(atoms, **results)
-    return atoms
-
-
-def _cu_structures(n: int, seed: int) -> list[Atoms]:
-    """Rattled, strained fcc Cu cells of 4 and 8 atoms."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        atoms = bulk("Cu", "fcc", 3.6, cubic=True)
-        if i % 2:
-            atoms = atoms.repeat((2, 1, 1))
-        atoms.set_cell(atoms.cell @ (np.eye(3) + rng.uniform(-0.02, 0.02, (3, 3))), scale_atoms=True)
-        atoms.rattle(0.08, seed=int(rng.integers(2**31)))
-        out.append(_label(atoms))
-    return out
-
-
-def _cluster() -> Atoms:
-    """A non-periodic 8-atom Cu cluster without stress."""
-    atoms = bulk("Cu", "fcc", 3.6, cubic=True).repeat((2, 1, 1))
-    atoms.pbc = False
-    atoms.cell = None
-    atoms.rattle(0.05, seed=3)
-    return _label(atoms, stress=False)
-
-
 @pytest.fixture(scope="module")
 def data() -> list[Atoms]:
-    return _cu_structures(10, seed=0)
+    return cu_cells(10, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +60,7 @@ def test_resolve_device() -> None:
 
 
 def test_missing_labels_name_the_structure(tmp_path: Path) -> None:
-    structures = _cu_structures(2, seed=1)
+    structures = cu_cells(2, seed=1)
     structures[1].calc = None
     with pytest.raises(ValueError, match="training structure 1"):
         train_mace(structures, MACEParams(**TINY, max_epochs=1), tmp_path / "m.pt")
@@ -116,7 +81,7 @@ def test_energy_decomposes_into_last_layer_features(trained: TrainResult, data: 
     w, blocks = last_layer_weights(load_model(trained.model_path, "cpu"))
     assert [b[0] for b in blocks] == ["readouts.0", "readouts.1"]
     assert blocks[0][1] == 0 and blocks[-1][2] == w.shape[0]
-    structures = data[:4] + [_cluster()]
+    structures = data[:4] + [cu_cluster()]
     features = compute_features(trained.model_path, structures, device="cpu")
     assert len(features) == len(structures)
     for atoms, feat in zip(structures, features):
@@ -149,13 +114,13 @@ def test_training_reduces_force_error(trained: TrainResult, untrained: TrainResu
     after = evaluate(trained.model_path, data, device="cpu")
     assert after["forces_rmse"] < 0.7 * before["forces_rmse"]
     assert set(after) >= {"energy_rmse_per_atom", "forces_rmse", "stress_rmse", "energy_mae_per_atom"}
-    assert "stress_rmse" not in evaluate(trained.model_path, [_cluster()], device="cpu")
+    assert "stress_rmse" not in evaluate(trained.model_path, [cu_cluster()], device="cpu")
 
 
 @pytest.mark.slow
 def test_finetune_starts_from_previous_weights(trained: TrainResult, data: list[Atoms], tmp_dir: Path) -> None:
     params = MACEParams(**TINY, max_epochs=6, finetune_epochs=1)
-    more = _cu_structures(6, seed=7)
+    more = cu_cells(6, seed=7)
     result = train_mace(data + more, params, tmp_dir / "finetuned.pt", init_model=trained.model_path)
     assert result.finetuned and result.epochs == 1
     assert result.history[0]["train_loss"] < trained.history[0]["train_loss"]
@@ -175,7 +140,7 @@ def test_training_is_deterministic(data: list[Atoms], tmp_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_batched_features_match_one_by_one(trained: TrainResult, data: list[Atoms]) -> None:
-    structures = data[:5] + [_cluster()]
+    structures = data[:5] + [cu_cluster()]
     batched = compute_features(trained.model_path, structures, device="cpu", batch_size=4)
     single = [compute_features(trained.model_path, [a], device="cpu")[0] for a in structures]
     for b, s in zip(batched, single):
