@@ -327,6 +327,65 @@ def run_arm(data: Dataset, arm: Arm, seed: int, args: argparse.Namespace, done: 
                          "select_s": select_s, "wall_s": time.perf_counter() - started})
 
 
+# --------------------------------------------------------------------------- why (or why not)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def diagnose(data: Dataset, seed: int, args: argparse.Namespace) -> dict:
+    """Does each score rank the pool by the round-0 model's actual error on it?
+
+    Per pool structure: its force RMSE and |energy error| per atom under the shared round-0 model,
+    against the single-pick scores of the information selectors (``mig`` gain under each Hessian,
+    ``mig_label`` gain) and the FPS distance. A selector can only beat random if its score
+    correlates with the error a label would remove; the Spearman ρ says whether it does.
+    """
+    from alforge.mlip.jacobians import label_rows
+    from alforge.mlip.mace_model import load_calculator
+    from alforge.selectors.fps import nearest_squared_distance
+    from alforge.uncertainty import loss_hessian
+
+    model, train_idx = initial_model(data, seed, args.n_initial, Path(args.workdir))
+    taken = set(train_idx)
+    pool = [data.pool[i] for i in range(len(data.pool)) if i not in taken]
+    train = [data.pool[i] for i in train_idx]
+    calc = load_calculator(model, device="cpu")
+    force_err, energy_err = [], []
+    for atoms in pool:
+        work = atoms.copy()
+        work.calc = calc
+        ref = atoms.calc.results
+        force_err.append(float(np.sqrt(np.mean((work.get_forces() - ref["forces"]) ** 2))))
+        energy_err.append(abs(work.get_potential_energy() - ref["energy"]) / len(atoms))
+    force_err, energy_err = np.array(force_err), np.array(energy_err)
+    cand, tr = features(model, pool), features(model, train)
+    scores: dict[str, np.ndarray] = {}
+    for form in ("energy", "loss"):
+        hessian = loss_hessian(model, train, form=form, validation=data.valid)
+        rows = cand.per_atom_energy_rows
+        scores[f"mig@{form}"] = 0.5 * np.log1p(hessian.weights.energy * hessian.variance(rows))
+        if form == "loss":
+            blocks = label_rows(model, pool, hessian.weights, device="cpu")
+            scores["mig_label@loss"] = np.array(
+                [0.5 * np.linalg.slogdet(np.eye(len(b)) + hessian.whiten(b) @ hessian.whiten(b).T)[1] for b in blocks]
+            )
+            regularizer = hessian.regularizer_method
+    scores["fps distance"] = np.sqrt(nearest_squared_distance(cand.mean_invariant, tr.mean_invariant))
+    return {
+        "dataset": data.name, "seed": seed, "n_pool": len(pool),
+        "pool_force_rmse": float(np.sqrt(np.mean(force_err**2))), "regularizer": regularizer,
+        "rho_force": {k: _spearman(v, force_err) for k, v in scores.items()},
+        "rho_energy": {k: _spearman(v, energy_err) for k, v in scores.items()},
+        "top_decile_force_error_ratio": {
+            k: float(force_err[np.argsort(-v)[: max(1, len(v) // 10)]].mean() / force_err.mean()) for k, v in scores.items()
+        },
+    }
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -453,6 +512,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "yield"))
     parser.add_argument("--workdir", default="/tmp/alforge_yield")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--diagnose", action="store_true", help="score-vs-error ranks of the round-0 models")
     args = parser.parse_args()
     if args.quick:
         args.datasets, args.seeds, args.rounds, args.batch = "ethanol", 1, 2, 4
@@ -469,6 +529,12 @@ def main() -> None:
     jsonl = out / "rounds.jsonl"
     header = machine_report() + f"\nargs: {vars(args)}"
     print(header, flush=True)
+    if args.diagnose:
+        found = [diagnose(LOADERS[name](args), seed, args) for name in args.datasets.split(",") for seed in range(args.seeds)]
+        (out / "diagnose.json").write_text(json.dumps(found, indent=1))
+        for row in found:
+            print(json.dumps(row))
+        return
     if not args.report_only:
         wanted = set(args.arms.split(",")) if args.arms else None
         arms = [a for a in ARMS if wanted is None or a.label in wanted or a.name in wanted]

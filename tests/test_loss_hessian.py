@@ -213,7 +213,12 @@ def test_choose_regularizer(model_path: Path, train_set: list[Atoms], validation
 
     chosen = loss_hessian(model_path, train_set, validation=validation, device="cpu")
     assert np.isfinite(chosen.regularizer) and chosen.regularizer > 0
-    assert chosen.regularizer_method.startswith("profile likelihood of 4 held-out energies")
+    n_components = 3 * sum(len(a) for a in validation)
+    assert chosen.regularizer_method.startswith(
+        f"profile likelihood of 4 held-out energies and {n_components} held-out force components"
+    )
+    energy_only = loss_hessian(model_path, train_set, validation=validation, form="energy", device="cpu")
+    assert "force components" not in energy_only.regularizer_method
     default = loss_hessian(model_path, train_set, device="cpu")
     assert default.regularizer > 0 and "no validation data" in default.regularizer_method
     data = default.matrix - default.regularizer**2 * np.eye(default.dim)
@@ -233,6 +238,28 @@ def test_choose_regularizer(model_path: Path, train_set: list[Atoms], validation
                                        validation_residuals=residuals)  # fmt: skip
     assert "profile likelihood" in method
     assert 0.3 * true_prior < value**2 < 3 * true_prior
+    # a second kind of residual with its own noise scale (α² = 4) is fitted with its own α²
+    few = slice(0, 5)
+    value, method = choose_regularizer(train.T @ train, n_structures=8, validation_features=held[few],
+                                       validation_residuals=residuals[few], validation_force_rows=held[5:],
+                                       validation_force_residuals=2.0 * residuals[5:])  # fmt: skip
+    assert "and 2995 held-out force components" in method and "α²(force) = " in method
+    assert 0.3 * true_prior < value**2 < 3 * true_prior
+
+
+def test_validation_force_residuals_are_the_model_forces(model_path: Path, validation: list[Atoms]) -> None:
+    from alforge.mlip.mace_model import load_calculator, load_model
+    from alforge.uncertainty.gauss_newton import _validation_forces
+
+    rows, residuals = _validation_forces(load_model(model_path, "cpu"), validation, "cpu")
+    calc = load_calculator(model_path, "cpu")
+    expected = []
+    for atoms in validation:
+        work = atoms.copy()
+        work.calc = calc
+        expected.append((work.get_forces() - atoms.calc.results["forces"]).ravel())
+    assert rows.shape == (len(residuals), rows.shape[1])
+    np.testing.assert_allclose(residuals, np.concatenate(expected), atol=1e-10)
 
 
 def test_hessian_is_stored_once_per_model(model_path: Path, train_set: list[Atoms], tmp_path: Path) -> None:

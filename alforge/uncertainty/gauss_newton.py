@@ -40,7 +40,9 @@ held-out data instead: with ``u_i(ς) = f_iᵀ(H_data + ς²I)⁻¹f_i`` for hel
 energy residuals ``r_i``, the calibrated model ``r_i ~ N(0, α² u_i)`` has the closed-form MLE
 ``α̂² = mean(r_i²/u_i)``; ``ς`` maximises the resulting profile likelihood
 ``−½ Σ_i [log(2π α̂² u_i) + 1]`` over a log grid (one eigendecomposition of ``H_data``, then O(m d)
-per grid point). Without held-out data the default is ``ς² = 1e-6 · tr(H_data)/d`` (a relative jitter
+per grid point). For the loss form the held-out force components join in the same way (rows
+``∂f_s/∂r_iα``, residuals ``F̂ − F``, their own α̂²), so 8 held-out molecules give 8 + 3n·8
+residuals rather than 8. Without held-out data the default is ``ς² = 1e-6 · tr(H_data)/d`` (a relative jitter
 that keeps ``H`` positive definite without acting as a prior), and ``regularizer_method`` says so.
 """
 
@@ -55,7 +57,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from alforge.mlip.features import compute_features
+from alforge.mlip.features import compute_features, feature_jacobians, last_layer_weights
 from alforge.mlip.jacobians import LossWeights, has_cell, label_rows
 from alforge.mlip.mace_model import load_model, read_training_settings
 from alforge.uncertainty.rigidity import DEFAULT_REGULARIZER, Hessian, data_matrix
@@ -127,12 +129,19 @@ def choose_regularizer(
     readout_weight_decay: float = 0.0,
     validation_features: np.ndarray | None = None,
     validation_residuals: np.ndarray | None = None,
+    validation_force_rows: np.ndarray | None = None,
+    validation_force_residuals: np.ndarray | None = None,
 ) -> tuple[float, str]:
     """``(ς, method)`` for ``H = data + ς² I`` (module docstring, "The prior ς²").
 
     ``data``: ``H_data`` (d × d, no ``ς²I``). Weight decay > 0 wins (the prior the model was trained
     under); else the profile likelihood of ``validation_residuals`` (model − reference energies,
-    eV) with ``validation_features`` (rows ``f_s``); else the documented default.
+    eV) with ``validation_features`` (rows ``f_s``) and, when given, of the held-out force
+    components ``validation_force_residuals`` (model − reference, eV/Å) with their rows
+    ``validation_force_rows`` (``∂f_s/∂r_iα``, one per component; each kind has its own α²); else
+    the documented default. A handful of held-out energies alone leaves ς poorly determined
+    (seen in ``benchmarks/study_yield.py --diagnose``: 8 energies put it anywhere across twelve
+    decades); their 3n force components each pin it far better.
     """
     data = np.asarray(data, dtype=np.float64)
     dim = data.shape[0]
@@ -148,7 +157,15 @@ def choose_regularizer(
         if len(features) != len(residuals):
             raise ValueError(f"{len(features)} validation features but {len(residuals)} residuals")
         if len(residuals) >= MIN_VALIDATION and np.any(residuals != 0):
-            return _profile_likelihood(data, scale, features, residuals)
+            kinds = [("energies", features, residuals)]
+            if validation_force_rows is not None and validation_force_residuals is not None:
+                rows = np.asarray(validation_force_rows, dtype=np.float64).reshape(-1, dim)
+                force_res = np.asarray(validation_force_residuals, dtype=np.float64).ravel()
+                if len(rows) != len(force_res):
+                    raise ValueError(f"{len(rows)} validation force rows but {len(force_res)} residuals")
+                if len(force_res) >= MIN_VALIDATION and np.any(force_res != 0):
+                    kinds.append(("force components", rows, force_res))
+            return _profile_likelihood(data, scale, kinds)
         reason = f"only {len(residuals)} held-out residuals" if len(residuals) < MIN_VALIDATION else "zero residuals"
     else:
         reason = "no validation data"
@@ -157,30 +174,53 @@ def choose_regularizer(
 
 
 def _profile_likelihood(
-    data: np.ndarray, scale: float, features: np.ndarray, residuals: np.ndarray
+    data: np.ndarray, scale: float, kinds: list[tuple[str, np.ndarray, np.ndarray]]
 ) -> tuple[float, str]:
+    """Maximise ``Σ_kinds −½ Σ_i [log(2π α̂²_k u_i) + 1]`` over the ς grid, ``α̂²_k`` per kind."""
     eigenvalues, vectors = np.linalg.eigh(data)
     eigenvalues = np.clip(eigenvalues, 0.0, None)
-    projected = (features @ vectors) ** 2  # (m, d)
-    r2 = residuals**2
-    best = (math.inf, -1, math.nan)
+    projected = [((rows @ vectors) ** 2, residuals**2) for _, rows, residuals in kinds]
+    best = (math.inf, -1, [])
     for k, relative in enumerate(GRID_RELATIVE):
-        u = projected @ (1.0 / (eigenvalues + relative * scale))
-        if not np.all(u > 0):
-            continue
-        alpha2 = float(np.mean(r2 / u))
-        nll = 0.5 * float(np.sum(np.log(2 * math.pi * alpha2 * u) + 1.0))
+        inverse = 1.0 / (eigenvalues + relative * scale)
+        nll, alphas = 0.0, []
+        for proj, r2 in projected:
+            u = proj @ inverse
+            if not np.all(u > 0):
+                nll = math.inf
+                break
+            alpha2 = float(np.mean(r2 / u))
+            alphas.append(alpha2)
+            nll += 0.5 * float(np.sum(np.log(2 * math.pi * alpha2 * u) + 1.0))
         if math.isfinite(nll) and (best[1] < 0 or nll < best[0] - 1e-12 * abs(best[0])):
-            best = (nll, k, alpha2)
-    nll, k, alpha2 = best
+            best = (nll, k, alphas)
+    nll, k, alphas = best
     if k < 0:
         raise ValueError("choose_regularizer: validation features are all zero")
     value = GRID_RELATIVE[k] * scale
     edge = ", at the grid edge" if k in (0, len(GRID_RELATIVE) - 1) else ""
+    what = " and ".join(f"{len(res)} held-out {name}" for name, _, res in kinds)
+    alpha_text = ", ".join(f"α²({name.split()[0]}) = {a:.4g}" for (name, _, _), a in zip(kinds, alphas))
     return math.sqrt(value), (
-        f"profile likelihood of {len(residuals)} held-out energies: ς² = {GRID_RELATIVE[k]:.3g}·tr(H_data)/d "
-        f"= {value:.4g}, α² = {alpha2:.4g}, NLL = {nll:.4g}{edge}"
+        f"profile likelihood of {what}: ς² = {GRID_RELATIVE[k]:.3g}·tr(H_data)/d "
+        f"= {value:.4g}, {alpha_text}, NLL = {nll:.4g}{edge}"
     )
+
+
+def _validation_forces(
+    module: torch.nn.Module, structures: Sequence[Atoms], device: str
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Force rows ``∂f_s/∂r_iα`` and residuals ``F̂ − F`` (``F̂ = −J·w``, exact) of the held-out
+    structures that have reference forces; ``(None, None)`` when none has."""
+    labelled = [a for a in structures if _has_force_label(a)]
+    if not labelled:
+        return None, None
+    w, _ = last_layer_weights(module)
+    jacobians = feature_jacobians(module, labelled, device=device)  # (n, 3, d) each
+    rows = np.concatenate([j.reshape(-1, j.shape[-1]) for j in jacobians])
+    predicted = -(rows @ w)
+    reference = np.concatenate([np.asarray(a.calc.results["forces"], dtype=np.float64).ravel() for a in labelled])
+    return rows, predicted - reference
 
 
 def _reference_energies(structures: Sequence[Atoms]) -> np.ndarray:
@@ -246,11 +286,13 @@ def loss_hessian(
             raise ValueError(f"regularizer (ς) must be > 0, got {regularizer}")
         method = "given"
     else:
-        features = residuals = None
+        features = residuals = force_rows = force_residuals = None
         if validation:
             computed = compute_features(module, validation, device=device)
             features = np.stack([c.last_layer.sum(axis=0) for c in computed])
             residuals = np.array([c.energy for c in computed]) - _reference_energies(validation)
+            if weights.forces > 0:
+                force_rows, force_residuals = _validation_forces(module, validation, device)
         n_structures = int(settings["n_structures"]) if settings else len(structures)
         decay = float(settings.get("readout_weight_decay", 0.0)) if settings else 0.0
         regularizer, method = choose_regularizer(
@@ -259,6 +301,8 @@ def loss_hessian(
             readout_weight_decay=decay,
             validation_features=features,
             validation_residuals=residuals,
+            validation_force_rows=force_rows,
+            validation_force_residuals=force_residuals,
         )
     data[np.diag_indices(dim)] += regularizer**2
     return Hessian(data, regularizer, weights=weights, form=form, regularizer_method=method)
