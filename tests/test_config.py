@@ -35,6 +35,9 @@ def test_valid_file_resolves_defaults(tmp_path):
         ({"seeds": [{"generate": {"element": "Xx"}}]}, "seeds.0.generate.element", "unknown chemical symbol"),
         ({"seeds": [{}]}, "seeds.0", "exactly one of 'file' or 'generate'"),
         ({"name": "has space"}, "name", "letters, digits"),
+        ({"uncertainty": {"hessian": "forces"}}, "uncertainty.hessian", "'loss' or 'energy'"),
+        ({"uncertainty": {"regularizer": 0}}, "uncertainty.regularizer", "greater than 0"),
+        ({"uncertainty": {"force_weight": 1.0}}, "uncertainty.force_weight", "Extra inputs are not permitted"),
     ],
 )
 def test_errors_name_the_field(tmp_path, override, field, expected):
