@@ -73,6 +73,7 @@ import json
 import logging
 import lzma
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -388,11 +389,9 @@ def diagnose(data: Dataset, seed: int, args: argparse.Namespace) -> dict:
         rows = cand.per_atom_energy_rows
         scores[f"mig@{form}"] = 0.5 * np.log1p(hessian.weights.energy * hessian.variance(rows))
         if form == "loss":
-            blocks = label_rows(model, pool, hessian.weights, device="cpu")
-            scores["mig_label@loss"] = np.array(
-                [0.5 * np.linalg.slogdet(np.eye(len(b)) + hessian.whiten(b) @ hessian.whiten(b).T)[1] for b in blocks]
-            )
-            regularizer = hessian.regularizer_method
+            blocks = [hessian.whiten(b) for b in label_rows(model, pool, hessian.weights, device="cpu")]
+            scores["mig_label@loss"] = np.array([0.5 * np.linalg.slogdet(np.eye(len(z)) + z @ z.T)[1] for z in blocks])
+            regularizer = hessian.regularizer_method  # the loss form's ς, the one the campaign uses
     scores["fps distance"] = np.sqrt(nearest_squared_distance(cand.mean_invariant, tr.mean_invariant))
     return {
         "dataset": data.name, "seed": seed, "n_pool": len(pool),
@@ -529,7 +528,7 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="ethanol, 3 arms, 1 seed, 2 rounds, tiny model")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "yield"))
-    parser.add_argument("--workdir", default="/tmp/alforge_yield")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alforge_yield"))
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--diagnose", action="store_true", help="score-vs-error ranks of the round-0 models")
     args = parser.parse_args()
@@ -546,7 +545,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "rounds.jsonl"
-    header = machine_report() + f"\nargs: {vars(args)}"
+    # the report records the settings, not where this machine keeps its files
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "workdir", "report_only", "diagnose")}
+    header = machine_report() + (
+        "\nreport of every round in rounds.jsonl (each run's settings: the study's docstring)"
+        if args.report_only
+        else f"\nsettings: {settings}"
+    )
     print(header, flush=True)
     if args.diagnose:
         found = [diagnose(LOADERS[name](args), seed, args) for name in args.datasets.split(",") for seed in range(args.seeds)]

@@ -192,7 +192,7 @@ def test_adding_a_structure_raises_its_pr_by_its_weight(model_path: Path, train_
     from alforge.mlip.features import compute_features
     from alforge.mlip.jacobians import label_rows
     from alforge.uncertainty import loss_hessian
-    from alforge.uncertainty.rigidity import Hessian, prediction_rigidity
+    from alforge.uncertainty.rigidity import data_matrix, prediction_rigidity
 
     hessian = loss_hessian(model_path, train_set, regularizer=0.1, form="energy", device="cpu")
     assert hessian.form == "energy" and hessian.weights.forces == 0 and hessian.weights.stress == 0
@@ -202,10 +202,9 @@ def test_adding_a_structure_raises_its_pr_by_its_weight(model_path: Path, train_
         before = prediction_rigidity(hessian, f_s)[0]
         after = prediction_rigidity(hessian.updated(rows), f_s)[0]
         assert after - before == pytest.approx(hessian.weights.energy / len(atoms) ** 2, rel=1e-8)
-    rebuilt = Hessian.from_label_rows(
-        label_rows(model_path, train_set, hessian.weights, device="cpu"), hessian.dim, 0.1, form="energy"
-    )
-    assert np.allclose(rebuilt.matrix, hessian.matrix, rtol=1e-13, atol=0)
+    rebuilt = data_matrix(label_rows(model_path, train_set, hessian.weights, device="cpu"), hessian.dim)
+    rebuilt[np.diag_indices(hessian.dim)] += 0.1**2
+    assert np.allclose(rebuilt, hessian.matrix, rtol=1e-13, atol=0)
 
 
 def test_choose_regularizer(model_path: Path, train_set: list[Atoms], validation: list[Atoms]) -> None:

@@ -19,23 +19,12 @@ def _data(seed: int = 0, n: int = 30, d: int = 7) -> tuple[np.ndarray, np.ndarra
     return rng.normal(size=(n, d)), rng.normal(size=(12, d))
 
 
-def test_hessian_matches_definition_with_force_term():
-    rng = np.random.default_rng(1)
-    train = rng.normal(size=(6, 4))
-    jacobians = [rng.normal(size=(n_atoms, 3, 4)) for n_atoms in (2, 5, 1, 3, 4, 2)]
-    h = Hessian.from_features(
-        train, regularizer=0.3, energy_weight=2.0, force_jacobians=jacobians, force_weight=0.5
-    )
-    expected = 2.0 * train.T @ train + 0.09 * np.eye(4)
-    for jac in jacobians:
-        for atom in jac:
-            for alpha in atom:
-                expected += 0.5 * np.outer(alpha, alpha)
-    np.testing.assert_allclose(h.matrix, expected, rtol=1e-13)
-    with pytest.raises(ValueError, match=r"force_jacobians\[1\]"):
-        Hessian.from_features(
-            train, force_jacobians=[jacobians[0], np.zeros((2, 4))], force_weight=1.0
-        )
+def test_hessian_matches_definition():
+    train = np.random.default_rng(1).normal(size=(6, 4))
+    h = Hessian.from_features(train, regularizer=0.3, energy_weight=2.0)
+    np.testing.assert_allclose(h.matrix, 2.0 * train.T @ train + 0.09 * np.eye(4), rtol=1e-13)
+    with pytest.raises(ValueError, match="energy_weight"):
+        Hessian.from_features(train, energy_weight=-1.0)
 
 
 def test_pr_lpr_and_variance_match_explicit_inverse():

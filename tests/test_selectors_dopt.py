@@ -177,16 +177,16 @@ def test_maxvol_in_place_updates_across_chunks(monkeypatch):
     assert np.abs(features @ np.linalg.inv(features[result.rows])).max() <= 1.01
 
 
-def test_active_set_inverses_bound_training_grades():
-    from alforge.selectors.dopt import active_set_inverses
+def test_active_sets_bound_training_grades():
+    from alforge.selectors.dopt import active_sets
 
     rng = np.random.default_rng(8)
     train = rng.normal(size=(90, 4))
-    elements = np.array([1] * 60 + [6] * 27 + [8] * 3)  # element 8 is too rare for an active set
-    inverses = active_set_inverses(train, elements)
-    assert set(inverses) == {1, 6}
-    for element, inverse in inverses.items():
-        assert extrapolation_grade(inverse, train[elements == element]).max() <= 1.01
+    elements = np.array([1] * 60 + [6] * 27 + [8] * 3)  # element 8 is too rare for a full active set
+    sets = active_sets(train, elements)
+    assert set(sets) == {1, 6, 8} and sets[8].basis is not None and sets[1].basis is None
+    for element, aset in sets.items():
+        assert aset.grade(train[elements == element]).max() <= 1.01
 
 
 def test_dopt_rank_deficient_block_gives_finite_grades_and_a_full_batch():

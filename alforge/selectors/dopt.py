@@ -300,23 +300,6 @@ def active_sets(
     }
 
 
-def active_set_inverses(
-    train: np.ndarray, train_elements: np.ndarray, tol: float = 1.01
-) -> dict[Any, np.ndarray]:
-    """``A⁻¹`` per element, from MaxVol over that element's training rows (METHODS §3).
-
-    What MD needs to grade atoms on the fly with :func:`extrapolation_grade` and stop a trajectory
-    above ``γ_hi``. Only elements whose rows span all ``d`` directions have a square ``A⁻¹``; the
-    others are left out (treat their atoms as beyond ``γ_hi``, or use :func:`active_sets`, whose
-    :meth:`ActiveSet.grade` is finite for them too).
-    """
-    return {
-        element: aset.inverse
-        for element, aset in active_sets(train, train_elements, tol).items()
-        if aset.basis is None
-    }
-
-
 def _rms_norm(rows: np.ndarray) -> float:
     if len(rows) == 0:
         return 1.0

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from alforge.tasks.common import open_store
+
+if TYPE_CHECKING:
+    from alforge.mlip.jacobians import LossWeights
 
 LAST_LAYER = "last_layer"
 INVARIANT = "invariant"
@@ -67,21 +71,19 @@ def atom_features(store_url: str, model_id: int, structure_ids: list[int]) -> tu
     return np.concatenate(per_atom), groups
 
 
-def ensure_label_rows(store_url: str, model_id: int, structure_ids: list[int]) -> list[np.ndarray]:
+def ensure_label_rows(
+    store_url: str, model_id: int, structure_ids: list[int], weights: LossWeights
+) -> list[np.ndarray]:
     """Per structure, the compact factor ``R_s`` of the energy + force (+ stress) rows its label
-    adds to the model's loss Hessian (weights as trained); computed once per (structure, model)."""
+    adds to the model's loss Hessian under ``weights`` (those of the model's stored ``H``, so the
+    blocks and ``H`` agree); computed once per (structure, model)."""
     from alforge.mlip.jacobians import label_rows
-    from alforge.mlip.mace_model import read_training_settings
-    from alforge.uncertainty.gauss_newton import loss_weights
 
     store = open_store(store_url)
-    ids = list(dict.fromkeys(structure_ids))
-    todo = store.missing_features(model_id, LABEL_ROWS, ids)
-    if todo:
-        path = Path(store.model(model_id).path)
-        weights = loss_weights(read_training_settings(path), [])
-        for start in range(0, len(todo), CHUNK):
-            chunk = todo[start : start + CHUNK]
-            rows = label_rows(path, store.get_atoms(chunk), weights)
-            store.put_features(model_id, {LABEL_ROWS: (dict(zip(chunk, rows)), "<f8")})
+    todo = store.missing_features(model_id, LABEL_ROWS, list(dict.fromkeys(structure_ids)))
+    path = Path(store.model(model_id).path)
+    for start in range(0, len(todo), CHUNK):
+        chunk = todo[start : start + CHUNK]
+        rows = label_rows(path, store.get_atoms(chunk), weights)
+        store.put_features(model_id, {LABEL_ROWS: (dict(zip(chunk, rows)), "<f8")})
     return store.get_features(model_id, LABEL_ROWS, structure_ids)

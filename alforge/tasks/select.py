@@ -18,7 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from alforge.config import SelectorConfig, UncertaintyConfig
-from alforge.selectors import make_selector
+from alforge.selectors import get_selector_class, make_selector
 from alforge.selectors.base import Selector
 from alforge.tasks.common import open_store
 from alforge.tasks.featurize import (
@@ -54,14 +54,13 @@ def _label_blocks(store_url: str, model_id: int, ids: list[int], hessian: Hessia
     loss form, its weighted energy row for the energy-only form."""
     if hessian.form == "energy":
         return list(np.sqrt(hessian.weights.energy) * energy_rows(store_url, model_id, ids)[:, None, :])
-    return ensure_label_rows(store_url, model_id, ids)
+    return ensure_label_rows(store_url, model_id, ids, hessian.weights)
 
 
 def _configured(cfg: SelectorConfig, seed: int, iteration_index: int, hessian: Hessian | None) -> Selector:
     """The selector with this iteration's seed (random, committee) and λ_E as its row weight."""
     params = dict(cfg.params)
-    probe = make_selector(cfg.name, **params)
-    current = probe.get_params()
+    current = make_selector(cfg.name, **params).get_params()
     if "seed" in current:
         params["seed"] = iteration_seed(params.get("seed", seed), iteration_index)
     if hessian is not None and "weight" in current and "weight" not in cfg.params:
@@ -94,7 +93,7 @@ def select_batch(
         ensure_features(store_url, model_id, retry)
         train_ids = [int(i) for i in store.model(model_id).train_ids]
         hessian = None
-        if make_selector(cfg.name, **cfg.params).uses_hessian:
+        if get_selector_class(cfg.name).uses_hessian:
             hessian = ensure_hessian(store_url, model_id, form=uncertainty.hessian, regularizer=uncertainty.regularizer)
         selector = _configured(cfg, seed, store.iteration(iteration_id).index, hessian)
         context: dict = {} if hessian is None else {"hessian": hessian}

@@ -152,17 +152,11 @@ def choose_regularizer(
         value = n_structures * readout_weight_decay / 2.0
         return math.sqrt(value), f"readout weight decay {readout_weight_decay:g}: ς² = N_s·wd/2 = {value:.4g}"
     if validation_features is not None and validation_residuals is not None:
-        features = np.asarray(validation_features, dtype=np.float64).reshape(-1, dim)
-        residuals = np.asarray(validation_residuals, dtype=np.float64).ravel()
-        if len(features) != len(residuals):
-            raise ValueError(f"{len(features)} validation features but {len(residuals)} residuals")
+        features, residuals = _paired("features", validation_features, validation_residuals, dim)
         if len(residuals) >= MIN_VALIDATION and np.any(residuals != 0):
             kinds = [("energies", features, residuals)]
             if validation_force_rows is not None and validation_force_residuals is not None:
-                rows = np.asarray(validation_force_rows, dtype=np.float64).reshape(-1, dim)
-                force_res = np.asarray(validation_force_residuals, dtype=np.float64).ravel()
-                if len(rows) != len(force_res):
-                    raise ValueError(f"{len(rows)} validation force rows but {len(force_res)} residuals")
+                rows, force_res = _paired("force rows", validation_force_rows, validation_force_residuals, dim)
                 if len(force_res) >= MIN_VALIDATION and np.any(force_res != 0):
                     kinds.append(("force components", rows, force_res))
             return _profile_likelihood(data, scale, kinds)
@@ -171,6 +165,15 @@ def choose_regularizer(
         reason = "no validation data"
     value = DEFAULT_RELATIVE_PRIOR * scale
     return math.sqrt(value), f"default ς² = {DEFAULT_RELATIVE_PRIOR:g}·tr(H_data)/d = {value:.4g} ({reason})"
+
+
+def _paired(what: str, rows: np.ndarray, residuals: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out rows as ``(m, d)`` float64 and their ``m`` residuals, or an error naming the mismatch."""
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, dim)
+    residuals = np.asarray(residuals, dtype=np.float64).ravel()
+    if len(rows) != len(residuals):
+        raise ValueError(f"{len(rows)} validation {what} but {len(residuals)} residuals")
+    return rows, residuals
 
 
 def _profile_likelihood(

@@ -7,7 +7,7 @@ weights ``w`` (``E = Σ_j w·f_j``):
 
 with ``R_s`` the (weighted) label rows of training structure ``s``. The loss-consistent form (the
 loss the MACE model was trained with: energy per atom, forces, stress) is built by
-:func:`alforge.uncertainty.gauss_newton` through :meth:`Hessian.from_label_rows`;
+:func:`alforge.uncertainty.gauss_newton` (rows summed by :func:`data_matrix`);
 :meth:`Hessian.from_features` keeps the older ``λ_E Σ f_s f_sᵀ + λ_F Σ JᵀJ`` assembly from arrays.
 
 factored once in float64 (one Cholesky, O(d³)). A query ``fᵀH⁻¹f`` is then ``‖L⁻¹f‖²``: a triangular
@@ -62,7 +62,7 @@ def _as_2d(name: str, array: np.ndarray, dim: int | None = None) -> np.ndarray:
 class Hessian:
     """A Cholesky-factored last-layer Hessian ``H = L Lᵀ`` (METHODS §2).
 
-    Build it with :meth:`from_label_rows` or :meth:`from_features`; query it with :meth:`variance`
+    Build it with :func:`alforge.uncertainty.loss_hessian` or :meth:`from_features`; query it with :meth:`variance`
     (``fᵀH⁻¹f`` per row), :meth:`whiten` (``L⁻¹f``) and :meth:`solve` (``H⁻¹x``). ``regularizer`` is
     ``ς`` (not ``ς²``); ``regularizer_method`` says how it was chosen. ``form`` names the quadratic
     form (``"loss"``: energy + forces (+ stress) rows of the trained loss; ``"energy"``: its energy
@@ -100,48 +100,24 @@ class Hessian:
         return self.matrix.shape[0]
 
     @classmethod
-    def from_label_rows(
-        cls,
-        rows_list: Sequence[np.ndarray],
-        dim: int,
-        regularizer: float,
-        *,
-        weights: LossWeights | None = None,
-        form: str = "loss",
-        regularizer_method: str = "given",
-    ) -> Hessian:
-        """``H = Σ_s R_sᵀR_s + ς² I`` from per-structure factors ``R_s`` of shape ``(r_s, dim)``
-        (:func:`alforge.mlip.jacobians.label_rows`), accumulated in float64."""
-        matrix = data_matrix(rows_list, dim)
-        if not regularizer > 0:
-            raise ValueError(f"regularizer (ς) must be > 0, got {regularizer}")
-        matrix[np.diag_indices(dim)] += regularizer**2
-        return cls(matrix, regularizer, weights=weights, form=form, regularizer_method=regularizer_method)
-
-    @classmethod
     def from_features(
         cls,
         train: np.ndarray | None,
         dim: int | None = None,
         regularizer: float = DEFAULT_REGULARIZER,
         energy_weight: float = 1.0,
-        force_jacobians: Sequence[np.ndarray] | None = None,
-        force_weight: float = 0.0,
     ) -> Hessian:
-        """Assemble ``H = λ_E FᵀF + λ_F Σ_s Σ_α J_sαᵀJ_sα + ς² I`` (METHODS §2) in float64.
+        """``H = λ FᵀF + ς² I`` from plain feature rows, in float64: the standalone form selectors
+        build when no model Hessian is passed (tests, benchmarks). A campaign's ``H`` is the loss
+        Hessian of :func:`alforge.uncertainty.loss_hessian` instead.
 
-        ``train`` holds one row ``f_s`` per training structure (``None``: no training data; then
-        ``dim`` is required). ``force_jacobians`` is optional, one array per structure of shape
-        ``(n_atoms, 3, d)`` holding ``∂f_s/∂r_α``; each Cartesian component of each atom adds its
-        outer product, weighted by ``force_weight`` (``λ_F``). The energy-only form is the default
-        because the Jacobians cost a backward pass per feature and are only affordable for small d.
+        ``train`` holds one row per training structure (``None``: no training data; then ``dim``
+        is required).
         """
         if regularizer <= 0:
             raise ValueError(f"regularizer (ς) must be > 0, got {regularizer}")
-        if energy_weight < 0 or force_weight < 0:
-            raise ValueError(
-                f"energy_weight and force_weight must be >= 0, got {energy_weight}, {force_weight}"
-            )
+        if energy_weight < 0:
+            raise ValueError(f"energy_weight must be >= 0, got {energy_weight}")
         if train is not None:
             train = _as_2d("train", train, dim)
             dim = train.shape[1]
@@ -153,16 +129,6 @@ class Hessian:
                 block = np.asarray(train[rows], dtype=np.float64)
                 with threads_for(2.0 * block.size * dim):
                     matrix += energy_weight * (block.T @ block)
-        if force_jacobians is not None and force_weight:
-            for s, jac in enumerate(force_jacobians):
-                jac = np.asarray(jac, dtype=np.float64)
-                if jac.ndim != 3 or jac.shape[1] != 3 or jac.shape[2] != dim:
-                    raise ValueError(
-                        f"force_jacobians[{s}] must have shape (n_atoms, 3, {dim}), got {jac.shape}"
-                    )
-                rows = jac.reshape(-1, dim)
-                with threads_for(2.0 * rows.size * dim):
-                    matrix += force_weight * (rows.T @ rows)
         matrix[np.diag_indices(dim)] += regularizer**2
         return cls(matrix, regularizer, form="features")
 
