@@ -109,7 +109,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             sel = store.selection_for_iteration(it.id)
             mt = m.metrics if m else {}
             print(
-                f"  {it.index:>4}  {len(store.structure_ids(c.id, role='candidate', iteration_id=it.id)):>10}"
+                # candidates the selector weighed: this iteration's MD frames and the unlabelled pool
+                f"  {it.index:>4}  {len(sel['candidate_ids']) if sel else 0:>10}"
                 f"  {len(sel['picked_ids']) if sel else 0:>8}  {mt.get('n_train', '-'):>7}"
                 f"  {_fmt(mt.get('train_forces_rmse')):>9} / {_fmt(mt.get('valid_forces_rmse'))} /"
                 f" {_fmt(mt.get('test_forces_rmse'))}"
