@@ -3,7 +3,9 @@
 # PyTorch installed first (so pip never pulls a multi-GB CUDA build), then alforge and its deps.
 #   deploy/install.sh          Python environment only (enough for the demo campaign)
 #   deploy/install.sh --dft    also the real electronic-structure codes from Debian
-#                              (Quantum ESPRESSO, CP2K, xtb) and PySCF, used by the labelling tests
+#                              (Quantum ESPRESSO, CP2K, xtb) and PySCF, used by the labelling tests,
+#                              and Debian's PostgreSQL server, which the store tests start on loopback
+#                              (tests/conftest.py: postgres_url); CI runs this
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +14,7 @@ want_dft=0
 [[ "${1:-}" == "--dft" ]] && want_dft=1
 
 if (( want_dft )); then
-  pkgs=(quantum-espresso quantum-espresso-data cp2k cp2k-data xtb)
+  pkgs=(quantum-espresso quantum-espresso-data cp2k cp2k-data xtb postgresql)
   missing=()
   for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if (( ${#missing[@]} )); then
@@ -30,7 +32,7 @@ pip=(.venv/bin/pip install -q --disable-pip-version-check)
 extras="test"
 (( want_dft )) && extras="test,dft"
 need=0
-.venv/bin/python -c "import alforge, prefect, mace" 2>/dev/null || need=1
+.venv/bin/python -c "import alforge, prefect, mace, psycopg" 2>/dev/null || need=1
 [[ -f .venv/.alforge-installed && ! pyproject.toml -nt .venv/.alforge-installed ]] || need=1
 if (( want_dft )); then .venv/bin/python -c "import pyscf" 2>/dev/null || need=1; fi
 if (( need )); then
