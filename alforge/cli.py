@@ -47,8 +47,11 @@ def _campaign_name(args: argparse.Namespace, required: bool) -> str | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from alforge.config import load_config
+    from alforge.sources import check_sources
 
-    load_config(args.config_file)  # fail on a bad file before Prefect starts
+    cfg = load_config(args.config_file)  # fail on a bad file before Prefect starts or a store exists
+    check_sources(cfg.seeds, require_forces=True)
+    check_sources([*cfg.test, *cfg.targets], require_forces=False)
     _prefect_defaults()
     from alforge.flows.campaign import campaign
 
@@ -168,6 +171,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     )
     if not source.file.exists():
         raise SystemExit(f"alforge: {source.file}: no such file")
+    from alforge.sources import check_sources
+
+    check_sources([source], require_forces=True, labelled=True)  # before a store exists
     url = _store_url(args)
     name = _campaign_name(args, required=True)
     _prefect_defaults()

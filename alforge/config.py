@@ -3,18 +3,35 @@
 Every error names the file, the dotted field path and what was expected, e.g.
 ``campaign.yaml: selector.batch_size: Input should be greater than 0 (got -3)``.
 Relative paths are resolved against the campaign file's folder.
+
+Everything that can be checked without doing work is checked here, so a campaign never spends
+labels before failing on a setting: every number is finite (free-form ``params``/``kwargs`` too),
+a key given twice is an error (PyYAML would keep the last one silently), ``mlip.mlp_irreps`` is
+parsed by e3nn, ``mlip.device`` must exist on this machine (skipped by read-only commands, which
+may run elsewhere), and ASE calculator kwargs must be parameters the calculator knows.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from alforge.mlip.params import MACEParams
+from alforge.storage.urls import StoreError, check_store_reference, redact_url
 
 
 class ConfigError(ValueError):
@@ -22,7 +39,83 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN slips through every range check (NaN > 0 is False, and so is NaN <= 0): refuse it outright.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _non_finite(value: Any, where: str) -> list[str]:
+    """Dotted paths of every NaN/±inf inside a free-form value (dicts and lists of any depth)."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [f"{where} = {value}"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite(v, f"{where}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _non_finite(v, f"{where}.{i}")]
+    return []
+
+
+def _finite_mapping(value: dict[str, Any], name: str) -> dict[str, Any]:
+    bad = _non_finite(value, name)
+    if bad:
+        raise ValueError(f"numbers must be finite, got {', '.join(bad)}")
+    return value
+
+
+def _check_device(device: str) -> str:
+    """``auto`` always works (CUDA when visible, else the CPU); ``cuda[:k]`` only with that GPU."""
+    if device in ("auto", "cpu"):
+        return device
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
+        raise ValueError(f"expected 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {device!r}")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(match.group(1) or 0)
+    if index >= count:
+        seen = f"{count} CUDA device(s) (indices 0..{count - 1})" if count else "no CUDA device"
+        raise ValueError(f"device {device!r} is not available: torch sees {seen}; use 'auto' or 'cpu'")
+    return device
+
+
+def _e3nn_o3() -> Any:
+    """``e3nn.o3``, imported only when irreps are checked (it imports torch). Its import unpickles a
+    constants file that holds ``slice`` objects, which torch's ``weights_only`` loading refuses unless
+    ``slice`` is allow-listed; nothing else is."""
+    import sys
+
+    if "e3nn.o3" not in sys.modules:
+        import torch
+
+        with torch.serialization.safe_globals([slice]):
+            import e3nn.o3  # noqa: F401
+    return sys.modules["e3nn.o3"]
+
+
+class MLIPConfig(MACEParams):
+    """The MACE hyperparameters of :class:`MACEParams`, checked as a campaign file needs them:
+    finite numbers, irreps e3nn can parse, a device this machine has."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("mlp_irreps")
+    @classmethod
+    def _irreps(cls, v: str) -> str:
+        try:
+            irreps = _e3nn_o3().Irreps(v)
+        except (ValueError, AssertionError) as exc:
+            raise ValueError(f"not an e3nn irreps string ({exc}); expected e.g. '16x0e'") from None
+        # MACE's readout MLP applies one gate to one block of even scalars (mace.modules.blocks).
+        if len(irreps) != 1 or irreps[0].ir != (0, 1) or irreps[0].mul < 1:
+            raise ValueError(f"the readout MLP takes one block of even scalars 'Nx0e' (N >= 1), got {v!r}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str, info: ValidationInfo) -> str:
+        if info.context and not info.context.get("check_device", True):
+            return v
+        return _check_device(v)
 
 
 class GenerateSpec(_Strict):
@@ -113,6 +206,11 @@ class SelectorConfig(_Strict):
     params: dict[str, Any] = {}
     batch_size: int = Field(10, ge=1)
 
+    @field_validator("params")
+    @classmethod
+    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _finite_mapping(v, "params")
+
     @model_validator(mode="after")
     def _buildable(self) -> "SelectorConfig":
         from alforge.selectors import make_selector
@@ -144,6 +242,11 @@ class LabellerConfig(_Strict):
         if v not in LABELLERS:
             resolve_factory(v)  # raises ValueError naming v (built-in ASE names or module:factory)
         return v
+
+    @field_validator("kwargs")
+    @classmethod
+    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _finite_mapping(v, "kwargs")
 
     @field_validator("retries")
     @classmethod
@@ -204,7 +307,11 @@ class StoppingConfig(_Strict):
 
 class CampaignConfig(_Strict):
     name: str
-    store: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file beside the campaign file")
+    store: str | None = Field(
+        None,
+        description="SQLAlchemy URL, or '$env:NAME' / '$secret:NAME' (an environment variable or Prefect "
+        "Secret holding it, so a password stays out of the file); default: SQLite file beside the campaign file",
+    )
     workdir: Path | None = Field(None, description="models and scratch; default: runs/<name> beside the file")
     seed: int = 0
     seeds: list[StructureSource] = Field(min_length=1)
@@ -212,7 +319,7 @@ class CampaignConfig(_Strict):
     targets: list[StructureSource] = Field(
         [], description="unlabelled structures of interest for target-aware selectors (mmig, qopt, pr_augment)"
     )
-    mlip: MACEParams = MACEParams()
+    mlip: MLIPConfig = Field(default_factory=MLIPConfig)
     exploration: ExplorationConfig = ExplorationConfig()
     selector: SelectorConfig = SelectorConfig()
     labeller: LabellerConfig = LabellerConfig()
@@ -225,6 +332,21 @@ class CampaignConfig(_Strict):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
             raise ValueError("name must be letters, digits, '_', '.', '-' (it names files)")
         return v
+
+    @field_validator("store")
+    @classmethod
+    def _store_reference(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                check_store_reference(v)
+            except StoreError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    @field_serializer("store")
+    def _store_redacted(self, v: str | None) -> str | None:
+        """Dumps (the config stored with the campaign, Prefect parameters) never carry a password."""
+        return None if v is None else redact_url(v)
 
     @model_validator(mode="after")
     def _lookup_has_files(self) -> "CampaignConfig":
@@ -269,11 +391,38 @@ def _format_errors(path: Path, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_config(raw: Any, path: Path) -> CampaignConfig:
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping names the same key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: PyYAML keeps the last one
+    silently, so a second ``lr:`` further down a file would quietly win over the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: construct_mapping reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise _DuplicateKey(
+                    f"key {key!r} given twice (line {first} and line {key_node.start_mark.line + 1})"
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_config(raw: Any, path: Path, *, check_device: bool = True) -> CampaignConfig:
+    """Validate ``raw`` (the file's YAML) as the campaign at ``path``; ``check_device=False`` skips
+    the check that ``mlip.device`` exists here (for commands that only read the store)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of campaign settings at the top level")
     try:
-        cfg = CampaignConfig.model_validate(raw)
+        cfg = CampaignConfig.model_validate(raw, context={"check_device": check_device})
     except ValidationError as exc:
         raise ConfigError(_format_errors(path, exc)) from None
     cfg.resolve_paths(path.parent)
@@ -286,12 +435,15 @@ def parse_config(raw: Any, path: Path) -> CampaignConfig:
     return cfg
 
 
-def load_config(path: str | Path) -> CampaignConfig:
+def load_config(path: str | Path, *, check_device: bool = True) -> CampaignConfig:
+    """Read and validate the campaign file at ``path`` (see :func:`parse_config`)."""
     path = Path(path).resolve()
     if not path.exists():
         raise ConfigError(f"{path}: campaign file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(raw, path)
+    return parse_config(raw, path, check_device=check_device)

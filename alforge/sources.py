@@ -24,6 +24,24 @@ class SourceError(ValueError):
     """Bad input structures; the message names the file and frame."""
 
 
+def check_structure(atoms: Atoms, where: str) -> None:
+    """Raise SourceError, naming ``where``, for a structure no labeller or model can use: no atoms,
+    an unknown element (number 0, ASE's 'X'), non-finite positions or cell, or a periodic axis
+    whose cell vector has no length (a cell-less structure read as periodic)."""
+    if len(atoms) == 0:
+        raise SourceError(f"{where}: has no atoms")
+    if np.any(atoms.numbers <= 0):
+        raise SourceError(f"{where}: has atoms of unknown element (atomic number 0)")
+    if not (np.all(np.isfinite(atoms.positions)) and np.all(np.isfinite(atoms.cell.array))):
+        raise SourceError(f"{where}: positions or cell are not finite")
+    lengths = atoms.cell.lengths()
+    flat = [axis for axis in range(3) if atoms.pbc[axis] and lengths[axis] < 1e-6]
+    if flat:
+        raise SourceError(f"{where}: periodic along axis {flat} but its cell vector has zero length")
+    if atoms.pbc.all() and abs(atoms.cell.volume) < 1e-6:
+        raise SourceError(f"{where}: periodic with a degenerate cell (volume {atoms.cell.volume:.3g} Å³)")
+
+
 def _lookup(atoms: Atoms, key: str, per_atom: bool) -> np.ndarray | float | None:
     results = atoms.calc.results if atoms.calc is not None else {}
     if key in results:
@@ -92,11 +110,34 @@ def read_source(
     frames = frames if isinstance(frames, list) else [frames]
     if not frames:
         raise SourceError(f"{path}: no structures at index {source.index!r}")
-    labels = [
-        extract_label(a, source.energy_key, source.forces_key, source.stress_key, f"{path} frame {i}", require_forces)
-        for i, a in enumerate(frames)
-    ]
+    labels = []
+    for i, atoms in enumerate(frames):
+        check_structure(atoms, f"{path} frame {i}")
+        labels.append(
+            extract_label(atoms, source.energy_key, source.forces_key, source.stress_key, f"{path} frame {i}",
+                          require_forces)
+        )
     return [_strip_labels(a, source) for a in frames], labels, f"file:{path.name}"
+
+
+def check_labelled(source: StructureSource, labels: list[Label | None]) -> None:
+    """Raise SourceError naming the frames of ``source`` that carry no label (``alforge import``)."""
+    unlabelled = [i for i, lab in enumerate(labels) if lab is None]
+    if unlabelled:
+        raise SourceError(
+            f"{source.file}: frame(s) {unlabelled[:10]} have no energy under key "
+            f"{source.energy_key!r}; name the keys (--energy-key/--forces-key/--stress-key)"
+        )
+
+
+def check_sources(sources: list[StructureSource], require_forces: bool, labelled: bool = False) -> None:
+    """Read every structure of ``sources`` and raise SourceError at the first bad one (with
+    ``labelled``, at one without a label too): run before anything is stored, so a bad file leaves
+    no half-made store."""
+    for source in sources:
+        _, labels, _ = read_source(source, require_forces=require_forces or labelled)
+        if labelled:
+            check_labelled(source, labels)
 
 
 def _frame_numbers(index: str) -> tuple[int, int] | None:
@@ -129,8 +170,9 @@ def iter_source_chunks(
     prov: list[dict[str, Any]] = []
     try:
         for k, atoms in enumerate(ase.io.iread(path, index=source.index, format=source.format)):
-            chunk.append(_strip_labels(atoms, source))
             frame = numbering[0] + k * numbering[1] if numbering else None
+            check_structure(atoms, f"{path} frame {frame if frame is not None else f'#{k} of {source.index!r}'}")
+            chunk.append(_strip_labels(atoms, source))
             prov.append({"file": str(path), "index": source.index, "position": k, "frame": frame})
             if len(chunk) >= chunk_size:
                 yield chunk, prov

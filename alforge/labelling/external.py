@@ -73,6 +73,12 @@ _COMMAND_FIELDS = ("input", "output", "workdir", "cores")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
+def _safe_name(value: str) -> bool:
+    """A plain name inside the scratch directory: no separators, not absolute, not ``.`` or ``..``
+    (``..`` as an output file would read, and as an input file write, outside the job's directory)."""
+    return bool(_SAFE_NAME.match(value)) and value not in (".", "..")
+
+
 def _rows(values: np.ndarray, prefix: Sequence[str] | None = None) -> str:
     lines = []
     for i, row in enumerate(np.asarray(values, dtype=float)):
@@ -170,9 +176,10 @@ class ExternalLabeller(ScratchLabeller):
         name: str = "external",
         **common: Any,
     ) -> None:
-        if not _SAFE_NAME.match(name):
+        if not _safe_name(name):
             raise ValueError(
-                f"external labeller: name {name!r} must match {_SAFE_NAME.pattern} (it names scratch dirs)"
+                f"external labeller: name {name!r} must match {_SAFE_NAME.pattern} and not be '.' or '..' "
+                "(it names scratch dirs)"
             )
         self.name = name
         super().__init__(**common)
@@ -183,9 +190,10 @@ class ExternalLabeller(ScratchLabeller):
             _check_command_arg(arg, name)
         for field_name, value in (("input_file", input_file), ("stdout_file", stdout_file),
                                   ("output_file", output_file or stdout_file)):
-            if not _SAFE_NAME.match(value) or value == "stderr":
+            if not _safe_name(value) or value == "stderr":
                 raise ValueError(
-                    f"{name} labeller: {field_name} {value!r} must be a plain file name other than 'stderr'"
+                    f"{name} labeller: {field_name} {value!r} must be a plain file name (letters, digits, "
+                    "'_', '.', '-'; no path separator, not '.' or '..') other than 'stderr'"
                 )
         if (input_format is None) == (input_template is None):
             raise ValueError(f"{name} labeller: give exactly one of input_format and input_template")

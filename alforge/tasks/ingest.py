@@ -19,8 +19,8 @@ from prefect.logging import get_run_logger
 from prefect.cache_policies import NO_CACHE
 
 from alforge.config import StructureSource
-from alforge.sources import SourceError, iter_source_chunks, read_source
-from alforge.storage.store import LabelRecord
+from alforge.sources import check_labelled, iter_source_chunks, read_source
+from alforge.storage.store import LabelRecord, Store
 from alforge.tasks.common import open_store
 
 IMPORTED = "import"
@@ -38,18 +38,19 @@ def ingest_sources(
 ) -> list[int]:
     """Store the structures; imported labels become finished labels, the rest are requested
     from the campaign's labeller (``calculator``/``params_hash``) if one is given. With
-    ``require_labels`` every structure must come labelled (``alforge import``)."""
+    ``require_labels`` every structure must come labelled (``alforge import``).
+
+    Every source is read and checked before the first row is written, so a bad frame in any of
+    them leaves the store as it was."""
     store = open_store(store_url)
-    all_ids: list[int] = []
+    read = []
     for source in sources:
         structures, labels, origin = read_source(source, require_forces=role == "seed" or require_labels)
         if require_labels:
-            unlabelled = [i for i, lab in enumerate(labels) if lab is None]
-            if unlabelled:
-                raise SourceError(
-                    f"{source.file}: frame(s) {unlabelled[:10]} have no energy under key "
-                    f"{source.energy_key!r}; name the keys (--energy-key/--forces-key/--stress-key)"
-                )
+            check_labelled(source, labels)
+        read.append((structures, labels, origin))
+    all_ids: list[int] = []
+    for structures, labels, origin in read:
         ids = store.add_structures(
             campaign_id, structures, role=role, source=origin, provenance=[{"origin": origin}] * len(structures)
         )
@@ -85,6 +86,15 @@ def _pool_marker(workdir: str, source: StructureSource) -> Path:
     return Path(workdir) / "pool" / f"{digest}.json"
 
 
+def _ingested(store: Store, campaign_id: int, workdir: str, source: StructureSource) -> bool:
+    """Whether ``source`` was wholly ingested into this store before (its marker, confirmed by the count)."""
+    marker = _pool_marker(workdir, source)
+    if not marker.exists():
+        return False
+    recorded = json.loads(marker.read_text())
+    return store.count_structures(campaign_id, role="candidate", source=POOL) >= recorded["pool_total"]
+
+
 @task(name="ingest-pool", tags=["ingest"], cache_policy=NO_CACHE)
 def ingest_pool(
     store_url: str, campaign_id: int, sources: list[StructureSource], workdir: str, chunk_size: int = 1000
@@ -95,18 +105,20 @@ def ingest_pool(
     Idempotent: structures are deduplicated by canonical hash (a pool frame equal to a seed stays a
     seed), and a source wholly ingested before (a marker under ``workdir/pool/`` that the store's
     count of pool candidates confirms) is not read again, so resuming a campaign on a 1e5 pool is free.
+    Every frame still to ingest is checked in a first pass (chunk by chunk, nothing kept) before the
+    first row is written, so a bad frame anywhere leaves no half-ingested pool.
     """
     store = open_store(store_url)
     try:
         logger = get_run_logger()
     except MissingContextError:  # called as ingest_pool.fn outside a flow
         logger = logging.getLogger(__name__)
-    for source in sources:
+    todo = [source for source in sources if not _ingested(store, campaign_id, workdir, source)]
+    for source in todo:
+        for _ in iter_source_chunks(source, chunk_size):  # raises SourceError naming the frame
+            pass
+    for source in todo:
         marker = _pool_marker(workdir, source)
-        if marker.exists():
-            recorded = json.loads(marker.read_text())
-            if store.count_structures(campaign_id, role="candidate", source=POOL) >= recorded["pool_total"]:
-                continue
         added = 0
         for structures, provenance in iter_source_chunks(source, chunk_size):
             before = store.count_structures(campaign_id, role="candidate", source=POOL)
