@@ -6,6 +6,8 @@ scratch-directory retention behave identically for every code:
 
 * a child is started in its own session, so a timeout kills the code *and* everything it spawned
   (MPI ranks, helper scripts) with one ``killpg``, never the Python process itself;
+* it is started through :func:`alforge.lifetime.supervised` and tracked, so it dies with the campaign
+  (even after ``kill -9``) and a SIGTERM/SIGINT of ``alforge run`` stops it at once;
 * commands are argument lists; no shell is ever involved;
 * environment additions may reference the caller's environment as ``"$env:NAME"``; such values are
   resolved at run time, treated as secrets, and scrubbed from every output tail and message;
@@ -14,11 +16,9 @@ scratch-directory retention behave identically for every code:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
+from alforge import lifetime
 from alforge.labelling.base import (
     FailureClass,
     Label,
@@ -45,8 +46,6 @@ ENV_REFERENCE = "$env:"
 SECRET_REFERENCE = "$secret:"  # a Prefect Secret block, by name
 #: How many trailing lines of a code's output are kept with a failure.
 TAIL_LINES = 40
-#: Grace period between SIGTERM and SIGKILL when a job is stopped.
-KILL_GRACE_S = 2.0
 _SCRUBBED = "***"
 
 
@@ -134,34 +133,19 @@ def read_text(paths: Iterable[Path]) -> str:
     return "\n".join(p.read_text(errors="replace") for p in paths if p.is_file())
 
 
-def _has_exited(pid: int) -> bool:
-    """True once child ``pid`` has exited; it is left unreaped so its pid (= group id) is not reused."""
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:  # already reaped
-        return True
-
-
 def kill_process_group(proc: subprocess.Popen[Any]) -> None:
-    """Stop a child started in its own session and everything in its process group.
+    """Stop a child started in its own session and everything in its process group (SIGTERM, then
+    SIGKILL after :data:`alforge.lifetime.KILL_GRACE_S`; see :func:`alforge.lifetime.kill_groups`)."""
+    lifetime.kill_groups([proc])
 
-    SIGTERM first (MPI launchers forward it to their ranks and clean up), SIGKILL if the leader has
-    not exited within :data:`KILL_GRACE_S`; then any straggler left in the group is killed outright
-    while the unreaped leader still pins the group id, and only then is the leader reaped.
-    """
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + KILL_GRACE_S
-        while not _has_exited(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if _has_exited(proc.pid):
-            break
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+
+def _executable(name: str, env: Mapping[str, str] | None) -> str:
+    """``name`` resolved as ``Popen`` would (on the child's ``PATH``), so a missing code is a
+    ``FileNotFoundError`` here rather than an exit status of the supervisor."""
+    path = shutil.which(name, path=(env if env is not None else os.environ).get("PATH"))
+    if path is None:
+        raise FileNotFoundError(f"{name}: executable not found" + ("" if os.sep in name else " on PATH"))
+    return path
 
 
 def run_process(
@@ -174,30 +158,39 @@ def run_process(
     env: Mapping[str, str] | None = None,
     stdin_path: Path | None = None,
 ) -> int:
-    """Run ``argv`` in ``cwd`` in a new session and return its exit status.
+    """Run ``argv`` in ``cwd`` in a new session, supervised and tracked, and return its exit status.
 
     stdout and stderr go to files (a code's output can be large and must survive for the tail). On
     timeout, or if this process is interrupted, the child's whole process group is killed before the
-    exception propagates, so no orphaned MPI rank keeps a core busy.
+    exception propagates, so no orphaned MPI rank keeps a core busy. A code killed because the
+    campaign is stopping raises :class:`~alforge.lifetime.CampaignInterrupted`, not an exit status
+    that the retry policy would answer by starting it again.
     """
     argv = [str(a) for a in argv]
+    argv[0] = _executable(argv[0], env)
     with (
         open(stdout_path, "wb") as out,
         open(stderr_path, "wb") as err,
         open(stdin_path, "rb") if stdin_path is not None else open(os.devnull, "rb") as inp,
     ):
-        proc = subprocess.Popen(
-            argv, cwd=cwd, stdin=inp, stdout=out, stderr=err, env=dict(env) if env is not None else None,
-            start_new_session=True,
-        )
+        with lifetime.spawning():
+            proc = subprocess.Popen(
+                lifetime.supervised(argv), cwd=cwd, stdin=inp, stdout=out, stderr=err,
+                env=dict(env) if env is not None else None, start_new_session=True,
+            )
+            lifetime.track(proc)
         try:
-            return proc.wait(timeout=timeout)
+            status = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_process_group(proc)
             raise ProcessTimeout(f"{argv[0]} exceeded the {timeout:g} s time limit") from None
         except BaseException:
             kill_process_group(proc)
             raise
+        finally:
+            lifetime.untrack(proc)
+        lifetime.check_running()
+        return status
 
 
 def expand_launcher(mpi_launcher: Sequence[str] | None, cores: int) -> list[str]:
