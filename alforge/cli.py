@@ -1,6 +1,7 @@
 """``alforge`` command line: parses arguments and calls flows or reads the store, nothing more.
 
-    alforge run CAMPAIGN.yaml            (exit status 3: paused by the labelling failure budget)
+    alforge run CAMPAIGN.yaml            (exit status 3: paused by the labelling failure budget;
+                                          143/130: stopped by SIGTERM/SIGINT, codes killed)
     alforge status   [--config CAMPAIGN.yaml | --store URL] [--campaign NAME] [--json]
     alforge export   [--config ... | --store ...] --campaign NAME --out train.extxyz [--model FILE] [--test]
     alforge import   FILE [--config ... | --store ...] --campaign NAME [--energy-key ...]
@@ -54,8 +55,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_sources([*cfg.test, *cfg.targets], require_forces=False)
     _prefect_defaults()
     from alforge.flows.campaign import campaign
+    from alforge.lifetime import CampaignInterrupted, handle_termination
 
-    result = campaign(str(Path(args.config_file).resolve()))
+    handle_termination()  # SIGTERM/SIGINT: kill the running codes, unwind, exit 128 + signum
+    try:
+        result = campaign(str(Path(args.config_file).resolve()))
+    except CampaignInterrupted as exc:
+        print(f"alforge: {exc}; its unfinished labels run again on resume", file=sys.stderr)
+        return exc.code
     if result["paused"]:
         print(f"campaign {result['campaign']!r} is paused: {result['stop_reason']}", file=sys.stderr)
         return 3
