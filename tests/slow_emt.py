@@ -26,3 +26,7 @@ class SlowLoggingEMT(EMT):
 
 def make(delay: float = 1.0, log: str = "calls.log") -> SlowLoggingEMT:
     return SlowLoggingEMT(delay, log)
+
+
+#: How long a calculation takes and where it is logged do not change a label.
+make.non_physics_kwargs = ("delay", "log")

@@ -37,7 +37,7 @@ class Campaign(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     config_json: Mapped[str] = mapped_column(Text)
-    #: running | paused | finished
+    #: running | paused | finished | failed (a crash; the message is its one-line summary) | interrupted
     status: Mapped[str] = mapped_column(String(20), default="running")
     status_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -107,6 +107,11 @@ class Label(Base):
     metadata_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: who computes a ``running`` label: the lease owner that claimed it, until ``claim_expires_at``
+    #: (renewed with the owner's lease heartbeat); another run re-runs it only once the claim expired
+    #: or the owner holds no live lease
+    claim_owner: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    claim_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Model(Base):
@@ -116,7 +121,9 @@ class Model(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"), index=True)
     iteration_id: Mapped[int] = mapped_column(ForeignKey("iterations.id", ondelete="CASCADE"))
+    #: a unique file name, never replaced; ``sha256`` is its content's hash, checked before every load
     path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     parent_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"), nullable=True)
     #: int64 bytes: the exact structure ids the model was trained on
     train_ids: Mapped[bytes] = mapped_column(LargeBinary)
@@ -187,6 +194,7 @@ class CommitteeMember(Base):
     member: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     metrics_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -212,4 +220,40 @@ class ModelHessian(Base):
     regularizer_method: Mapped[str] = mapped_column(Text)
     weights_json: Mapped[str] = mapped_column(Text)
     n_structures: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CampaignLease(Base):
+    """The one owner of a campaign: taken atomically, renewed by a heartbeat, released on exit.
+
+    A lease whose ``expires_at`` passed, or whose ``pid`` is dead on ``host``, belongs to a run that
+    is gone and is taken over (see :mod:`alforge.ownership`).
+    """
+
+    __tablename__ = "campaign_leases"
+
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(36))
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ConfigVersion(Base):
+    """Every configuration a campaign ran with, oldest first: never overwritten, so a result can be
+    traced to the settings it came from. ``changes_json`` lists what differs from the version before
+    (``[{"field", "old", "new"}]``); ``calculator``/``params_hash`` is the labeller identity."""
+
+    __tablename__ = "campaign_configs"
+    __table_args__ = (UniqueConstraint("campaign_id", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    config_json: Mapped[str] = mapped_column(Text)
+    changes_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    calculator: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    params_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -7,18 +7,22 @@ label state machine, feature keys) lives here once.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from alforge.storage import arrays, models
 from alforge.storage.atoms_codec import atoms_to_columns, canonical_hash, columns_to_atoms
+from alforge.storage.model_files import verified_model_file
 from alforge.storage.schema import make_engine, upgrade
 
 _STRUCTURE_COLUMNS = (
@@ -58,10 +62,42 @@ class ModelInfo:
     train_ids: np.ndarray
     metrics: dict[str, Any]
     parent_model_id: int | None = None
+    #: SHA-256 of the file at ``path`` when it was stored (None: stored before hashes were recorded)
+    sha256: str | None = None
+
+
+#: Default lifetime (s) of a campaign lease and of the label claims made under it; the owner's
+#: heartbeat renews both well before they run out (:mod:`alforge.ownership`).
+LEASE_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """Who owns a campaign: the owner id of the run, where it runs, since when, until when."""
+
+    campaign_id: int
+    owner: str
+    host: str
+    pid: int
+    acquired_at: datetime
+    heartbeat_at: datetime
+    expires_at: datetime
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes (stored as UTC), PostgreSQL aware ones: compare them as UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def _lease_info(row: models.CampaignLease) -> LeaseInfo:
+    return LeaseInfo(
+        row.campaign_id, row.owner, row.host, row.pid,
+        _utc(row.acquired_at), _utc(row.heartbeat_at), _utc(row.expires_at),
+    )
 
 
 def _ids(data: bytes) -> np.ndarray:
@@ -83,17 +119,179 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
-    # ---------------------------------------------------------------- campaigns, iterations
-    def get_or_create_campaign(self, name: str, config: dict[str, Any]) -> int:
-        with self.session() as s, s.begin():
-            row = s.scalar(select(models.Campaign).where(models.Campaign.name == name))
-            if row is None:
-                row = models.Campaign(name=name, config_json=json.dumps(config), status="running")
-                s.add(row)
-                s.flush()
+    def _insert_ignoring_conflict(self, s: Session, entity: Any, values: dict[str, Any]) -> bool:
+        """INSERT a row unless it collides with a unique key; True if it was inserted. One statement
+        on SQLite and PostgreSQL (``ON CONFLICT DO NOTHING``), so two writers never race. Whether a
+        row went in is read from ``RETURNING``: psycopg reports no rowcount for this statement."""
+        table = entity.__table__
+        dialect = self.engine.dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            if dialect == "sqlite":
+                from sqlalchemy.dialects.sqlite import insert as dialect_insert
             else:
-                row.config_json = json.dumps(config)
-            return row.id
+                from sqlalchemy.dialects.postgresql import insert as dialect_insert
+            stmt = dialect_insert(table).values(**values).on_conflict_do_nothing().returning(*table.primary_key)
+            return s.execute(stmt).first() is not None
+        try:
+            with s.begin_nested():
+                s.execute(insert(table).values(**values))
+            return True
+        except IntegrityError:
+            return False
+
+    # ---------------------------------------------------------------- campaigns, iterations
+    def get_or_create_campaign(
+        self, name: str, config: dict[str, Any], identity: tuple[str, str] | None = None
+    ) -> int:
+        """The campaign's id, creating it (with ``config`` as version 1 of its config history and
+        ``identity`` = the labeller's ``(calculator, params_hash)``) if there is none. An existing
+        campaign's config is never replaced here: changes go through :meth:`record_config`."""
+        now = _now()
+        with self.session() as s, s.begin():
+            created = self._insert_ignoring_conflict(
+                s, models.Campaign,
+                {"name": name, "config_json": json.dumps(config), "status": "running", "created_at": now},
+            )
+            cid = s.scalar(select(models.Campaign.id).where(models.Campaign.name == name))
+            if created:
+                calculator, params_hash = identity or (None, None)
+                s.add(models.ConfigVersion(
+                    campaign_id=cid, version=1, config_json=json.dumps(config),
+                    calculator=calculator, params_hash=params_hash, created_at=now,
+                ))
+            return cid
+
+    def config_versions(self, campaign_id: int) -> list[models.ConfigVersion]:
+        """The campaign's config history, oldest first."""
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(models.ConfigVersion)
+                    .where(models.ConfigVersion.campaign_id == campaign_id)
+                    .order_by(models.ConfigVersion.version)
+                )
+            )
+
+    def record_config(
+        self,
+        campaign_id: int,
+        config: dict[str, Any],
+        changes: Sequence[dict[str, Any]],
+        identity: tuple[str, str] | None,
+    ) -> int:
+        """Append ``config`` as the campaign's newest config version (with what changed and the
+        labeller identity) and make it the current one; returns the version number."""
+        calculator, params_hash = identity or (None, None)
+        with self.session() as s, s.begin():
+            last = s.scalar(
+                select(func.max(models.ConfigVersion.version)).where(models.ConfigVersion.campaign_id == campaign_id)
+            )
+            version = (last or 0) + 1
+            s.add(models.ConfigVersion(
+                campaign_id=campaign_id, version=version, config_json=json.dumps(config),
+                changes_json=json.dumps(list(changes), default=str), calculator=calculator,
+                params_hash=params_hash, created_at=_now(),
+            ))
+            s.execute(
+                update(models.Campaign).where(models.Campaign.id == campaign_id).values(config_json=json.dumps(config))
+            )
+            return version
+
+    # ---------------------------------------------------------------- leases
+    def acquire_lease(
+        self,
+        campaign_id: int,
+        owner: str,
+        host: str,
+        pid: int,
+        ttl: float = LEASE_SECONDS,
+        holder_gone: Callable[[LeaseInfo], bool] = lambda lease: False,
+    ) -> LeaseInfo:
+        """Try to make ``owner`` the campaign's owner; returns the lease as it stands afterwards
+        (``.owner == owner`` if taken).
+
+        One transaction: an INSERT that does nothing if a lease exists, then, if one does and it has
+        expired, is ``owner``'s own, or ``holder_gone`` says its holder is gone (a dead pid on this
+        host), an UPDATE conditional on the holder and heartbeat just read, so of two runs taking
+        over the same stale lease exactly one succeeds.
+        """
+        now = _now()
+        mine = {"owner": owner, "host": host, "pid": pid, "acquired_at": now, "heartbeat_at": now,
+                "expires_at": now + timedelta(seconds=ttl)}
+        table = models.CampaignLease
+        with self.session() as s, s.begin():
+            if not self._insert_ignoring_conflict(s, table, {"campaign_id": campaign_id, **mine}):
+                row = s.scalar(select(table).where(table.campaign_id == campaign_id).with_for_update())
+                held = _lease_info(row)
+                if held.owner == owner or held.expires_at <= now or holder_gone(held):
+                    s.execute(
+                        update(table)
+                        .where(
+                            table.campaign_id == campaign_id,
+                            table.owner == row.owner,
+                            table.heartbeat_at == row.heartbeat_at,
+                        )
+                        .values(**mine)
+                    )
+            return _lease_info(s.scalar(select(table).where(table.campaign_id == campaign_id)))
+
+    def renew_lease(self, campaign_id: int, owner: str, ttl: float = LEASE_SECONDS) -> bool:
+        """Heartbeat: extend ``owner``'s lease and the claims of its running labels; False if the
+        lease is no longer ``owner``'s (it expired and another run took it over)."""
+        now = _now()
+        expires = now + timedelta(seconds=ttl)
+        table = models.CampaignLease
+        with self.session() as s, s.begin():
+            res = s.execute(
+                update(table)
+                .where(table.campaign_id == campaign_id, table.owner == owner)
+                .values(heartbeat_at=now, expires_at=expires)
+            )
+            if res.rowcount != 1:
+                return False
+            s.execute(
+                update(models.Label)
+                .where(*self._claimed_by(campaign_id, owner))
+                .values(claim_expires_at=expires)
+            )
+            return True
+
+    def release_lease(
+        self, campaign_id: int, owner: str, status: str | None = None, message: str | None = None
+    ) -> bool:
+        """Put ``owner``'s running labels of the campaign back to pending and drop its lease, setting
+        the campaign's status if given, all in one transaction. False (and the status untouched) if
+        the lease was no longer ``owner``'s."""
+        table = models.CampaignLease
+        with self.session() as s, s.begin():
+            s.execute(
+                update(models.Label)
+                .where(*self._claimed_by(campaign_id, owner))
+                .values(status="pending", claim_owner=None, claim_expires_at=None)
+            )
+            held = s.execute(delete(table).where(table.campaign_id == campaign_id, table.owner == owner)).rowcount == 1
+            if held and status is not None:
+                s.execute(
+                    update(models.Campaign)
+                    .where(models.Campaign.id == campaign_id)
+                    .values(status=status, status_message=message)
+                )
+            return held
+
+    def lease(self, campaign_id: int) -> LeaseInfo | None:
+        """The campaign's lease row (possibly expired), or None."""
+        with self.session() as s:
+            row = s.get(models.CampaignLease, campaign_id)
+            return None if row is None else _lease_info(row)
+
+    @staticmethod
+    def _claimed_by(campaign_id: int, owner: str) -> tuple[Any, ...]:
+        in_campaign = select(models.Structure.id).where(models.Structure.campaign_id == campaign_id)
+        return (
+            models.Label.claim_owner == owner,
+            models.Label.status == "running",
+            models.Label.structure_id.in_(in_campaign),
+        )
 
     def campaign_id(self, name: str) -> int:
         with self.session() as s:
@@ -324,8 +522,8 @@ class Store:
     def unfinished_labels(self, campaign_id: int, calculator: str | None = None) -> list[tuple[int, int]]:
         """``(label_id, structure_id)`` of labels not yet done or failed.
 
-        A label left ``running`` by a killed process never finished, so it is returned too and
-        will be computed (for the first time to completion) by the next run.
+        ``running`` labels are returned too: one left by a killed run never finished and is
+        computed by the next; :meth:`start_label` decides, by its claim, whether it may be.
         """
         q = (
             select(models.Label.id, models.Label.structure_id)
@@ -337,13 +535,32 @@ class Store:
         with self.session() as s:
             return [(r[0], r[1]) for r in s.execute(q.order_by(models.Label.id))]
 
-    def start_label(self, label_id: int) -> bool:
-        """Mark a label running; False if it already finished (so it must not be recomputed)."""
+    def start_label(self, label_id: int, owner: str | None = None, ttl: float = LEASE_SECONDS) -> bool:
+        """Claim a label for ``owner`` and mark it running; False if it finished (never recomputed)
+        or another owner's claim on it is alive.
+
+        A ``running`` label is taken over only when its claim expired or its owner holds no live
+        campaign lease (a killed run): one conditional UPDATE, so of two runs exactly one wins.
+        ``owner=None`` (imports, which finish at once) makes a claim nobody renews.
+        """
+        now = _now()
+        label = models.Label
+        owner_alive = (
+            select(models.CampaignLease.owner)
+            .where(models.CampaignLease.owner == label.claim_owner, models.CampaignLease.expires_at > now)
+            .exists()
+        )
+        abandoned = (label.status == "running") & (
+            label.claim_expires_at.is_(None) | (label.claim_expires_at <= now) | ~owner_alive
+        )
         with self.session() as s, s.begin():
             res = s.execute(
-                update(models.Label)
-                .where(models.Label.id == label_id, models.Label.status.in_(("pending", "running")))
-                .values(status="running", attempts=models.Label.attempts + 1)
+                update(label)
+                .where(label.id == label_id, (label.status == "pending") | abandoned)
+                .values(
+                    status="running", attempts=label.attempts + 1, claim_owner=owner,
+                    claim_expires_at=now + timedelta(seconds=ttl),
+                )
             )
             return res.rowcount == 1
 
@@ -353,9 +570,14 @@ class Store:
         record: LabelRecord,
         attempts: Sequence[dict[str, Any]] = (),
         quarantine: bool = False,
-    ) -> None:
+        owner: str | None = None,
+    ) -> bool:
         """Store the outcome, every attempt behind it and (if decided) the structure's quarantine,
-        all in one transaction: a crash leaves the label either finished or still to do."""
+        all in one transaction: a crash leaves the label either finished or still to do.
+
+        Only the holder of the label's claim (``owner``, as given to :meth:`start_label`) may finish
+        it; False, and nothing stored, if the claim was lost (the run released it or was taken over).
+        """
         values: dict[str, Any] = {
             "status": record.status,
             "energy": record.energy,
@@ -369,13 +591,45 @@ class Store:
             "code_version": record.code_version,
             "metadata_json": json.dumps(record.metadata, default=str) if record.metadata else None,
             "finished_at": _now(),
+            "claim_owner": None,
+            "claim_expires_at": None,
         }
         with self.session() as s, s.begin():
-            s.execute(update(models.Label).where(models.Label.id == label_id).values(**values))
+            res = s.execute(
+                update(models.Label)
+                .where(
+                    models.Label.id == label_id,
+                    models.Label.status == "running",
+                    models.Label.claim_owner.is_not_distinct_from(owner),
+                )
+                .values(**values)
+            )
+            if res.rowcount != 1:
+                return False
             self._add_attempts(s, label_id, attempts)
             if quarantine:
                 sid = select(models.Label.structure_id).where(models.Label.id == label_id).scalar_subquery()
                 s.execute(update(models.Structure).where(models.Structure.id == sid).values(quarantined=True))
+            return True
+
+    def reset_failed_labels(
+        self, campaign_id: int, classes: Sequence[str] | None = None, roles: Sequence[str] | None = None
+    ) -> int:
+        """``alforge retry``: failed labels of structures that are not quarantined go back to pending
+        (optionally only these failure classes / structure roles); returns how many. Their earlier
+        attempts are kept and still count towards quarantine."""
+        eligible = select(models.Structure.id).where(
+            models.Structure.campaign_id == campaign_id, models.Structure.quarantined.is_(False)
+        )
+        if roles:
+            eligible = eligible.where(models.Structure.role.in_(list(roles)))
+        q = update(models.Label).where(models.Label.status == "failed", models.Label.structure_id.in_(eligible))
+        if classes:
+            q = q.where(models.Label.failure_class.in_(list(classes)))
+        with self.session() as s, s.begin():
+            return s.execute(
+                q.values(status="pending", failure_class=None, error=None, output_tail=None, finished_at=None)
+            ).rowcount
 
     @staticmethod
     def _add_attempts(s: Session, label_id: int, attempts: Sequence[dict[str, Any]]) -> None:
@@ -521,19 +775,23 @@ class Store:
         train_ids: Sequence[int],
         metrics: dict[str, Any],
         parent_model_id: int | None = None,
+        sha256: str | None = None,
     ) -> int:
+        """The id of the iteration's model: this one (``path``, a file never to be replaced, with its
+        ``sha256``) unless another run stored one first, whose id is returned instead (the caller
+        then owns ``path`` alone and removes it). One model per iteration, and no IntegrityError."""
+        values = {
+            "campaign_id": campaign_id, "iteration_id": iteration_id, "path": path, "sha256": sha256,
+            "parent_model_id": parent_model_id, "train_ids": np.asarray(train_ids, dtype="<i8").tobytes(),
+            "metrics_json": json.dumps(metrics), "created_at": _now(),
+        }
         with self.session() as s, s.begin():
-            row = models.Model(
-                campaign_id=campaign_id,
-                iteration_id=iteration_id,
-                path=path,
-                parent_model_id=parent_model_id,
-                train_ids=np.asarray(train_ids, dtype="<i8").tobytes(),
-                metrics_json=json.dumps(metrics),
+            self._insert_ignoring_conflict(s, models.Model, values)
+            return s.scalar(
+                select(models.Model.id).where(
+                    models.Model.campaign_id == campaign_id, models.Model.iteration_id == iteration_id
+                )
             )
-            s.add(row)
-            s.flush()
-            return row.id
 
     def update_model_metrics(self, model_id: int, metrics: dict[str, Any]) -> None:
         with self.session() as s, s.begin():
@@ -544,8 +802,31 @@ class Store:
 
     def _model_info(self, row: models.Model, index: int) -> ModelInfo:
         return ModelInfo(
-            row.id, index, row.path, _ids(row.train_ids), json.loads(row.metrics_json or "{}"), row.parent_model_id
+            row.id, index, row.path, _ids(row.train_ids), json.loads(row.metrics_json or "{}"), row.parent_model_id,
+            row.sha256,
         )
+
+    def model_file(self, model_id: int) -> Path:
+        """The model's file, after checking that its SHA-256 is the one stored with the row
+        (:class:`ModelFileError` otherwise): model files are trusted only through the store."""
+        info = self.model(model_id)
+        return verified_model_file(info.path, info.sha256, f"model {model_id} (iteration {info.iteration_index})")
+
+    def committee_files(self, model_id: int, skip_missing: bool = False) -> dict[int, Path]:
+        """``{member: file}`` of the model's extra committee members, each checked as in
+        :meth:`model_file`; with ``skip_missing`` members whose file is gone are left out (a start
+        point for training is optional, a committee to select with is not)."""
+        with self.session() as s:
+            rows = s.execute(
+                select(models.CommitteeMember.member, models.CommitteeMember.path, models.CommitteeMember.sha256)
+                .where(models.CommitteeMember.model_id == model_id)
+                .order_by(models.CommitteeMember.member)
+            )
+            return {
+                m: verified_model_file(path, digest, f"committee member {m} of model {model_id}")
+                for m, path, digest in rows
+                if not skip_missing or Path(path).exists()
+            }
 
     def model_for_iteration(self, iteration_id: int) -> ModelInfo | None:
         with self.session() as s:
@@ -575,11 +856,22 @@ class Store:
             ).one()
             return self._model_info(m, index)
 
-    def add_committee_member(self, model_id: int, member: int, seed: int, path: str, metrics: dict[str, Any]) -> None:
+    def add_committee_member(
+        self, model_id: int, member: int, seed: int, path: str, metrics: dict[str, Any], sha256: str | None = None
+    ) -> str:
+        """Store a committee member (``path`` never replaced, with its ``sha256``); returns the path
+        the store holds for it, another run's if that stored the member first."""
+        values = {
+            "model_id": model_id, "member": member, "seed": seed, "path": path, "sha256": sha256,
+            "metrics_json": json.dumps(metrics), "created_at": _now(),
+        }
         with self.session() as s, s.begin():
-            s.add(models.CommitteeMember(
-                model_id=model_id, member=member, seed=seed, path=path, metrics_json=json.dumps(metrics)
-            ))
+            self._insert_ignoring_conflict(s, models.CommitteeMember, values)
+            return s.scalar(
+                select(models.CommitteeMember.path).where(
+                    models.CommitteeMember.model_id == model_id, models.CommitteeMember.member == member
+                )
+            )
 
     def committee_paths(self, model_id: int) -> dict[int, str]:
         """``{member: path}`` of the extra committee models trained beside ``model_id``."""
