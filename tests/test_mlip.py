@@ -92,12 +92,20 @@ def test_energy_decomposes_into_last_layer_features(trained: TrainResult, data: 
 
 
 @pytest.mark.slow
-def test_saved_model_loads_in_mace_calculator(trained: TrainResult, data: list[Atoms]) -> None:
+def test_exported_model_loads_in_mace_calculator(
+    trained: TrainResult, data: list[Atoms], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mace.calculators import MACECalculator
 
+    from alforge.mlip.mace_model import export_mace_model
+
     features = compute_features(trained.model_path, data[:3], device="cpu")
+    export_mace_model(trained.model_path, tmp_path / "mace.model")
+    # mace unpickles its format relying on the flag its import sets, which alforge removes again
+    # (alforge.mlip.mace_import): a user trusting an exported file sets it in their own process.
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     calculators = [
-        MACECalculator(model_paths=str(trained.model_path), device="cpu", default_dtype="float64"),
+        MACECalculator(model_paths=str(tmp_path / "mace.model"), device="cpu", default_dtype="float64"),
         load_calculator(trained.model_path, device="cpu"),
     ]
     for calc in calculators:

@@ -27,9 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import Atoms
-# mace must be imported before e3nn: importing mace sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, without
-# which e3nn's import-time torch.load of its constants fails under torch >= 2.6.
-import mace  # noqa: F401  # isort: skip
+import alforge.mlip.mace_import  # noqa: F401  # isort: skip  (before mace and e3nn: see there)
 from e3nn import o3  # isort: skip
 from mace.modules.blocks import LinearReadoutBlock, NonLinearReadoutBlock
 

@@ -11,6 +11,14 @@ Reference labels are read from ``atoms.calc.results`` (``'energy'``, ``'forces'`
 ``'stress'``, as ASE's ``SinglePointCalculator`` stores them); a structure without stress simply gets
 no stress loss.
 
+A model file holds no pickled code: it is a dict of plain values and tensors — the constructor
+settings of the ScaleShiftMACE (``architecture``) and its ``state_dict`` — written with ``torch.save``
+and read with ``torch.load(..., weights_only=True)``, so a planted or corrupted file can at worst
+fail to load. mace's own format (the pickled module) cannot be read that way: its
+``SymmetricContraction`` holds ``torch.fx`` graph modules, which unpickle by executing Python source
+stored in the file. :func:`export_mace_model` writes that format for ``MACECalculator(model_paths=...)``
+and mace's tools.
+
 Beside every saved model, ``<model path>.training.json`` records the loss it was trained with (the
 λ's, whether stress was trained, batch size, readout weight decay, dtype) and the exact training
 split (sizes and indices into the ``train`` list), so the loss-consistent Hessian
@@ -34,10 +42,8 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.stress import voigt_6_to_full_3x3_stress
-# mace must be imported before e3nn: importing mace sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, without
-# which e3nn's import-time torch.load of its constants fails under torch >= 2.6.
-import mace  # noqa: F401  # isort: skip
-from e3nn import o3  # isort: skip
+import alforge.mlip.mace_import  # noqa: F401  # isort: skip  (before mace and e3nn: see there)
+from e3nn import o3
 from mace import data as mace_data
 from mace import modules
 from mace.calculators import MACECalculator
@@ -52,6 +58,7 @@ from alforge.mlip.params import MACEParams
 __all__ = [
     "TrainResult",
     "evaluate",
+    "export_mace_model",
     "load_calculator",
     "load_model",
     "read_training_settings",
@@ -70,6 +77,8 @@ MAX_GRAD_NORM = 10.0
 MIN_STRUCTURES_FOR_SPLIT = 5
 #: Version of the ``<model>.training.json`` layout.
 TRAINING_SETTINGS_FORMAT = 1
+#: ``format`` of a model file (module docstring).
+MODEL_FORMAT = "alforge.mace-state/1"
 #: Weight decay on the readout weights: mace's recipe puts readouts in a parameter group with
 #: weight_decay 0 and our Adam has none at all, so the readouts are trained without a prior.
 READOUT_WEIGHT_DECAY = 0.0
@@ -210,14 +219,66 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def load_model(model_path: Path, device: str = "auto") -> torch.nn.Module:
-    """Load a model saved by :func:`train_mace` onto ``device`` in eval mode, parameters frozen."""
+class ModelFormatError(ValueError):
+    """A model file that is not an alforge model file (a pickled module, a planted file, garbage)."""
+
+
+def _architecture(kwargs: dict) -> dict:
+    """The ScaleShiftMACE constructor arguments as plain values (names for classes and functions)."""
+    arch = dict(kwargs)
+    for key in ("interaction_cls", "interaction_cls_first"):
+        arch[key] = next(name for name, cls in modules.interaction_classes.items() if cls is arch[key])
+    arch["gate"] = next(name for name, fn in modules.gate_dict.items() if fn is arch["gate"])
+    arch["hidden_irreps"] = str(arch["hidden_irreps"])
+    arch["MLP_irreps"] = str(arch["MLP_irreps"])
+    arch["atomic_energies"] = [float(e) for e in arch["atomic_energies"]]
+    arch["atomic_numbers"] = [int(z) for z in arch["atomic_numbers"]]
+    return arch
+
+
+def _construct(arch: dict) -> torch.nn.Module:
+    """A ScaleShiftMACE from :func:`_architecture`'s record; class and gate names are looked up in
+    mace's registries, never imported by name."""
+    kwargs = dict(arch)
+    for key in ("interaction_cls", "interaction_cls_first"):
+        kwargs[key] = modules.interaction_classes[kwargs[key]]
+    kwargs["gate"] = modules.gate_dict[kwargs["gate"]]
+    kwargs["hidden_irreps"] = o3.Irreps(kwargs["hidden_irreps"])
+    kwargs["MLP_irreps"] = o3.Irreps(kwargs["MLP_irreps"])
+    kwargs["atomic_energies"] = np.array(kwargs["atomic_energies"])
+    return modules.ScaleShiftMACE(**kwargs)
+
+
+def _read(model_path: Path, device: str) -> tuple[torch.nn.Module, dict]:
+    """(model in train mode, architecture) from a file written by :func:`_save_model`, unpickling
+    nothing but plain values and tensors."""
     path = Path(model_path)
     if not path.is_file():
         raise FileNotFoundError(f"MACE model file {path} does not exist")
-    model = torch.load(path, map_location=resolve_device(device), weights_only=False)
-    if not isinstance(model, modules.MACE):
-        raise TypeError(f"{path} holds a {type(model).__name__}, expected a mace MACE/ScaleShiftMACE model")
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise ModelFormatError(
+            f"{path} is not an alforge model file and was not loaded: it holds more than weights and "
+            f"settings (a pickled module, perhaps planted), and unpickling it could run code "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT:
+        found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
+        raise ModelFormatError(f"{path} is not an alforge model file (format {found!r}, expected {MODEL_FORMAT!r})")
+    arch = saved["architecture"]
+    try:
+        with default_dtype(torch_dtype(saved["dtype"])):
+            model = _construct(arch)
+        model.load_state_dict(saved["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ModelFormatError(f"{path}: its architecture and weights do not make a MACE model: {exc}") from None
+    return model.to(device), arch
+
+
+def load_model(model_path: Path, device: str = "auto") -> torch.nn.Module:
+    """Load a model saved by :func:`train_mace` onto ``device`` in eval mode, parameters frozen."""
+    model, _ = _read(model_path, resolve_device(device))
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -226,20 +287,25 @@ def load_model(model_path: Path, device: str = "auto") -> torch.nn.Module:
 
 def load_calculator(model_path: Path, device: str = "auto") -> Calculator:
     """An ASE ``MACECalculator`` for the model, in the dtype the model was trained in."""
-    path = Path(model_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MACE model file {path} does not exist")
     resolved = resolve_device(device)
-    model = torch.load(path, map_location=resolved, weights_only=False)
+    model = load_model(model_path, resolved)
     return MACECalculator(models=model, device=resolved, default_dtype=dtype_name(model_dtype(model)))
 
 
-def _save_model(model: torch.nn.Module, out_path: Path) -> None:
-    """``torch.save`` the whole module (what ``MACECalculator(model_paths=...)`` loads), on CPU,
-    via a temporary file so a crash never leaves a truncated model behind."""
+def export_mace_model(model_path: Path, out_path: Path) -> None:
+    """Write the model in mace's own format (the pickled module, on CPU) for
+    ``MACECalculator(model_paths=...)`` and mace's tools; alforge itself never reads that format."""
+    torch.save(load_model(model_path, "cpu"), out_path)
+
+
+def _save_model(model: torch.nn.Module, arch: dict, out_path: Path) -> None:
+    """``torch.save`` the architecture and the CPU weights (module docstring), via a temporary file
+    so a crash never leaves a truncated model behind."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    torch.save(model.to("cpu"), tmp)
+    state = {key: value.detach().to("cpu") for key, value in model.state_dict().items()}
+    torch.save({"format": MODEL_FORMAT, "dtype": dtype_name(model_dtype(model)), "architecture": arch,
+                "state_dict": state}, tmp)
     os.replace(tmp, out_path)
 
 
@@ -394,15 +460,16 @@ def _hidden_irreps(params: MACEParams) -> o3.Irreps:
 
 def _build_model(
     params: MACEParams, train_configs: list[mace_data.Configuration], z_table: AtomicNumberTable, train_data: list
-) -> torch.nn.Module:
-    """A fresh ScaleShiftMACE with E0s by least squares ("average") and mace's rms_forces_scaling."""
+) -> tuple[torch.nn.Module, dict]:
+    """A fresh ScaleShiftMACE with E0s by least squares ("average") and mace's rms_forces_scaling,
+    and its architecture record (saved with it)."""
     e0s = mace_data.compute_average_E0s(train_configs, z_table)
     atomic_energies = np.array([e0s[z] for z in z_table.zs])
     stats_loader = DataLoader(train_data, batch_size=params.batch_size, shuffle=False)
     avg_num_neighbors = modules.compute_avg_num_neighbors(stats_loader)
     mean, rms = modules.compute_mean_rms_energy_forces(stats_loader, atomic_energies)
     interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
-    return modules.ScaleShiftMACE(
+    kwargs = dict(
         r_max=params.r_max,
         num_bessel=params.num_radial_basis,
         num_polynomial_cutoff=params.num_cutoff_basis,
@@ -423,22 +490,22 @@ def _build_model(
         atomic_inter_scale=float(np.ravel(rms)[0]),
         atomic_inter_shift=float(np.ravel(mean)[0]),
     )
+    return modules.ScaleShiftMACE(**kwargs), _architecture(kwargs)
 
 
 def _initial_model(
     init_model: Path | None, zs_needed: set[int], out_path: Path
-) -> torch.nn.Module | None:
-    """The model to continue from, or ``None`` when there is none or it lacks needed elements."""
+) -> tuple[torch.nn.Module, dict] | None:
+    """The model to continue from and its architecture, or ``None`` when there is none or it lacks
+    needed elements."""
     if init_model is None:
         return None
-    model = torch.load(Path(init_model), map_location="cpu", weights_only=False)
-    if not isinstance(model, modules.MACE):
-        raise TypeError(f"init_model {init_model} holds a {type(model).__name__}, not a mace model")
+    model, arch = _read(Path(init_model), "cpu")
     missing = zs_needed - set(model_z_table(model).zs)
     if missing:
         log.info("init_model %s lacks atomic numbers %s: training %s from scratch", init_model, sorted(missing), out_path)
         return None
-    return model
+    return model, arch
 
 
 def train_mace(
@@ -482,9 +549,11 @@ def train_mace(
     with default_dtype(dtype), torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(params.seed)
         zs_needed = {int(z) for c in train_configs + valid_configs for z in c.atomic_numbers}
-        model = _initial_model(init_model, zs_needed, out_path)
-        finetuned = model is not None
-        if model is not None:
+        initial = _initial_model(init_model, zs_needed, out_path)
+        finetuned = initial is not None
+        model: torch.nn.Module | None = None
+        if initial is not None:
+            model, arch = initial
             model = model.to(dtype)
             z_table = model_z_table(model)
             r_max = float(model.r_max)
@@ -501,7 +570,7 @@ def train_mace(
             mace_data.AtomicData.from_config(c, z_table=z_table, cutoff=r_max, heads=HEADS) for c in valid_configs
         ]
         if model is None:
-            model = _build_model(params, train_configs, z_table, train_data)
+            model, arch = _build_model(params, train_configs, z_table, train_data)
         model = model.to(device)
         for parameter in model.parameters():
             parameter.requires_grad_(True)
@@ -525,7 +594,7 @@ def train_mace(
                 errors, _ = _model_errors(model, iter(loader), device, compute_stress)
                 metrics.update({f"{prefix}_{k}": v for k, v in errors.items()})
         model.eval()
-        _save_model(model, out_path)
+        _save_model(model, arch, out_path)
     settings = {
         "format": TRAINING_SETTINGS_FORMAT,
         "loss": type(loss_fn).__name__,
