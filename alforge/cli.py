@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -160,8 +159,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         models = store.models(cid)
         if not models:
             raise SystemExit(f"alforge: campaign {name!r} has no model yet")
-        shutil.copyfile(models[-1].path, args.model)
-        print(f"copied model of iteration {models[-1].iteration_index} to {args.model}")
+        from alforge.mlip.mace_model import export_mace_model
+
+        export_mace_model(Path(models[-1].path), Path(args.model))
+        print(f"wrote the model of iteration {models[-1].iteration_index} to {args.model} (mace's format)")
     return 0
 
 
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the labelled set as extxyz (and copy the latest model)")
     store_args(p)
     p.add_argument("--out", required=True, help="output file (extxyz)")
-    p.add_argument("--model", help="copy the latest model file here")
+    p.add_argument("--model", help="write the latest model here, in mace's format (MACECalculator(model_paths=...))")
     p.add_argument("--test", action="store_true", help="include the labelled test set")
     p.set_defaults(func=cmd_export)
 
