@@ -6,9 +6,9 @@ the time limit by killing the shell's process group from a watchdog thread, and 
 non-convergence from CP2K's own output ("SCF run NOT converged"), which CP2K 2023 only warns about.
 
 ASE starts the shell through ``/bin/sh`` (its ``Cp2kShell`` uses ``shell=True``); the command string
-handed to it here is built with :func:`shlex.join` from an argument list and begins with ``exec
-setsid``, so no user text is ever interpreted by the shell and the code runs as the leader of its
-own process group.
+handed to it here is built with :func:`shlex.join` from an argument list and ``exec``s the
+supervisor of :mod:`alforge.lifetime`, so no user text is ever interpreted by the shell, and the code
+runs in a process group (led by the supervisor, in a session of its own) that dies with the campaign.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ase import Atoms
 from ase.calculators.cp2k import CP2K, parse_input
 from ase.units import Rydberg
 
+from alforge import lifetime
 from alforge.labelling.base import FailureClass, LabelFailure
 from alforge.labelling.runner import ProcessTimeout, ScratchLabeller, kill_process_group
 
@@ -159,12 +160,15 @@ class CP2KLabeller(ScratchLabeller):
         for exe in (self._launcher or self.command)[:1]:
             if shutil.which(exe) is None:
                 raise LabelFailure(FailureClass.CRASH, f"cp2k labeller: executable {exe!r} not found on PATH")
-        argv = ["setsid", "env", "-C", str(workdir), f"OMP_NUM_THREADS={self.cores}",
-                *self._launcher, *self.command]
+        # The supervisor leads the shell's process group (a session of its own) and kills it if this
+        # process dies; ASE starts it, so it is tracked once started, and a stop that came during the
+        # start-up is noticed right after.
+        argv = ["env", "-C", str(workdir), f"OMP_NUM_THREADS={self.cores}", *self._launcher, *self.command]
         periodic = bool(atoms.pbc.any())
+        lifetime.check_running()
         calc = CP2K(
             # A relative label: CP2K runs in workdir, and its PROJECT name must fit in 80 characters.
-            command="exec " + shlex.join(argv), label="cp2k",
+            command="exec " + shlex.join(lifetime.supervised(argv)), label="cp2k",
             xc=self.xc, basis_set=self.basis_set, basis_set_file=self.basis_set_file,
             pseudo_potential=self.pseudo_potential, potential_file=self.potential_file,
             cutoff=self.cutoff_ry * Rydberg, max_scf=self.max_scf, charge=self.charge, uks=self.uks,
@@ -180,12 +184,15 @@ class CP2KLabeller(ScratchLabeller):
         work = atoms.copy()
         work.calc = calc
         try:
+            lifetime.track(calc._shell._child)
+            lifetime.check_running()
             if watchdog is not None:
                 watchdog.start()
             energy = work.get_potential_energy()
             forces = work.get_forces()
             stress = work.get_stress(voigt=False) if periodic else None
         except Exception:
+            lifetime.check_running()  # killed because the campaign is stopping: not a crash
             if timed_out.is_set():
                 raise ProcessTimeout(f"cp2k_shell exceeded the {self.timeout:g} s time limit") from None
             raise
@@ -204,6 +211,7 @@ def _close(calc: CP2K) -> None:
     shell = calc._shell
     if shell is None:
         return
+    lifetime.untrack(shell._child)
     if shell.isready and shell._child.poll() is None:
         calc.close()
         return
