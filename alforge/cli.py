@@ -10,14 +10,47 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 
-def _prefect_defaults() -> None:
+#: Seconds to wait for Prefect's ephemeral API server; its 20 s default is too short on a loaded node.
+PREFECT_STARTUP_TIMEOUT_S = 600
+#: Prefect settings contexts held for the rest of this (one-command) process.
+_PROCESS_SETTINGS = contextlib.ExitStack()
+
+
+class _NoTracebacks(logging.Filter):
+    """On the console a failure is the CLI's one line; Prefect's tracebacks stay in its API and UI
+    (``--debug`` shows them here as well)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+def _prefect_defaults(debug: bool = False) -> None:
+    """Prefect settings for this command, before it starts a flow. A user's own setting (environment,
+    profile or prefect.toml) always wins over these defaults."""
     # Before Prefect is imported: no telemetry lookups (the machine may be offline).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    import prefect.main  # noqa: F401 - sets up Prefect's logging, which the filter below joins
+    from prefect.logging.handlers import PrefectConsoleHandler
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP_TIMEOUT
+    from prefect.settings import get_current_settings, temporary_settings
+
+    if "startup_timeout_seconds" not in get_current_settings().server.ephemeral.model_fields_set:
+        # Prefect read its settings when imported, so a default now is a settings context.
+        _PROCESS_SETTINGS.enter_context(temporary_settings(updates={STARTUP_TIMEOUT: PREFECT_STARTUP_TIMEOUT_S}))
+    if not debug:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not any(
+                isinstance(f, _NoTracebacks) for f in handler.filters
+            ):
+                handler.addFilter(_NoTracebacks())
 
 
 def _store_url(args: argparse.Namespace) -> str:
@@ -26,7 +59,7 @@ def _store_url(args: argparse.Namespace) -> str:
     if args.config:
         from alforge.config import load_config
 
-        return str(load_config(args.config).store)
+        return str(load_config(args.config, check_device=False).store)
     env = os.environ.get("ALFORGE_STORE")
     if env:
         return env
@@ -39,7 +72,7 @@ def _campaign_name(args: argparse.Namespace, required: bool) -> str | None:
     if args.config:
         from alforge.config import load_config
 
-        return load_config(args.config).name
+        return load_config(args.config, check_device=False).name
     if required:
         raise SystemExit("alforge: give --campaign NAME (or --config CAMPAIGN.yaml)")
     return None
@@ -52,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config_file)  # fail on a bad file before Prefect starts or a store exists
     check_sources(cfg.seeds, require_forces=True)
     check_sources([*cfg.test, *cfg.targets], require_forces=False)
-    _prefect_defaults()
+    _prefect_defaults(args.debug)
     from alforge.flows.campaign import campaign
     from alforge.lifetime import CampaignInterrupted, handle_termination
 
@@ -76,7 +109,7 @@ def _fmt(value: object, scale: float = 1000.0) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from alforge.storage import Store
 
-    store = Store(_store_url(args))
+    store = Store(_store_url(args), create=False)  # a mistyped URL is named, not created
     name = _campaign_name(args, required=False)
     campaigns = [c for c in store.campaigns() if name is None or c.name == name]
     if getattr(args, "json", False):
@@ -145,7 +178,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from alforge.storage import Store
 
-    store = Store(_store_url(args))
+    store = Store(_store_url(args), create=False)
     name = _campaign_name(args, required=True)
     cid = store.campaign_id(name)
     roles = ("seed", "candidate", "test") if args.test else ("seed", "candidate")
@@ -153,16 +186,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     atoms = store.get_labelled_atoms(ids)
     for a in atoms:
         a.info.pop("label_calculator", None)
-    ase.io.write(args.out, atoms, format="extxyz")
-    print(f"wrote {len(atoms)} labelled structures of {name!r} to {args.out}")
-    if args.model:
+    latest = None
+    if args.model:  # everything is read and checked before the first output file is written
         models = store.models(cid)
         if not models:
             raise SystemExit(f"alforge: campaign {name!r} has no model yet")
+        latest = models[-1]
+        if not Path(latest.path).is_file():
+            raise SystemExit(f"alforge: the model file of iteration {latest.iteration_index} is missing: {latest.path}")
+    ase.io.write(args.out, atoms, format="extxyz")
+    print(f"wrote {len(atoms)} labelled structures of {name!r} to {args.out}")
+    if latest is not None:
         from alforge.mlip.mace_model import export_mace_model
 
-        export_mace_model(Path(models[-1].path), Path(args.model))
-        print(f"wrote the model of iteration {models[-1].iteration_index} to {args.model} (mace's format)")
+        export_mace_model(Path(latest.path), Path(args.model))
+        print(f"wrote the model of iteration {latest.iteration_index} to {args.model} (mace's format)")
     return 0
 
 
@@ -184,15 +222,17 @@ def cmd_import(args: argparse.Namespace) -> int:
     check_sources([source], require_forces=True, labelled=True)  # before a store exists
     url = _store_url(args)
     name = _campaign_name(args, required=True)
-    _prefect_defaults()
+    _prefect_defaults(args.debug)
     from alforge.flows.importing import import_dataset
+    from alforge.tasks.common import store_handle
 
-    import_dataset(url, name, source, role=args.role)
+    import_dataset(store_handle(url), name, source, role=args.role)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run or resume a campaign")
@@ -229,16 +269,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(exc: BaseException) -> str:
+    """The exception's message (a KeyError's without the quotes its ``str`` adds)."""
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, for errors that are not alforge's own."""
+    lines = _message(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A failure is one named line on stderr (the traceback with ``--debug``):
+    exit status 2 for a bad input (campaign file, structure file, store, name), 1 for anything else."""
     from alforge.config import ConfigError
     from alforge.sources import SourceError
+    from alforge.storage.urls import StoreError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, SourceError, KeyError) as exc:
-        print(f"alforge: {exc}", file=sys.stderr)
+    except (ConfigError, SourceError, StoreError, KeyError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"alforge: {_message(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - the CLI's last word on any failure is one line
+        if args.debug:
+            traceback.print_exc()
+        print(f"alforge: {_one_line(exc)}" + ("" if args.debug else " (--debug for the traceback)"), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from alforge.config import CampaignConfig, LabellerConfig, load_config
 from alforge.flows.stopping import failure_budget_reason, remaining_budget, stop_reason
 from alforge.selectors import make_selector
-from alforge.tasks.common import open_store
+from alforge.tasks.common import bind_campaign, campaign_store_url, open_store
 from alforge.tasks.diagnostics import diagnostics
 from alforge.tasks.explore import explore
 from alforge.tasks.featurize import featurize
@@ -29,9 +29,11 @@ from alforge.tasks.train import evaluate_model, train_committee, train_model
 
 
 @flow(name="label-batch")
-def label_batch(store_url: str, campaign_id: int, cfg: LabellerConfig) -> str | None:
+def label_batch(campaign_id: int, cfg: LabellerConfig) -> str | None:
     """Run every unfinished label of the campaign, ``labeller.concurrency`` at a time; returns why
-    the campaign must pause (failure budget exceeded), or None."""
+    the campaign must pause (failure budget exceeded), or None. The store is the one the campaign
+    is bound to in this process: a URL parameter would be recorded, password and all, by Prefect."""
+    store_url = campaign_store_url(campaign_id)
     todo = open_store(store_url).unfinished_labels(campaign_id)
     futures = [label_structure.submit(store_url, lid, sid, cfg) for lid, sid in todo]
     wait(futures)
@@ -46,7 +48,8 @@ def label_batch(store_url: str, campaign_id: int, cfg: LabellerConfig) -> str | 
 
 def _label(url: str, cid: int, cfg: LabellerConfig) -> str | None:
     runner = ThreadPoolTaskRunner(max_workers=cfg.concurrency)
-    return label_batch.with_options(task_runner=runner)(url, cid, cfg)
+    bind_campaign(cid, url)
+    return label_batch.with_options(task_runner=runner)(cid, cfg)
 
 
 def _pause(url: str, cid: int, name: str, reason: str) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from alforge.storage import arrays, models
 from alforge.storage.atoms_codec import atoms_to_columns, canonical_hash, columns_to_atoms
 from alforge.storage.model_files import verified_model_file
-from alforge.storage.schema import make_engine, upgrade
+from alforge.storage.schema import upgrade
+from alforge.storage.urls import open_engine
 
 _STRUCTURE_COLUMNS = (
     models.Structure.id,
@@ -107,9 +108,12 @@ def _ids(data: bytes) -> np.ndarray:
 class Store:
     """Open (and migrate) the database at ``url``; any SQLAlchemy URL works."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.engine = make_engine(url)
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        """``url`` may be a ``$env:NAME``/``$secret:NAME`` reference (alforge/storage/urls.py).
+        ``create=False`` (read-only commands) opens an existing alforge store only, raising
+        :class:`~alforge.storage.urls.StoreError` otherwise. :attr:`url` is the redacted URL: safe to
+        print, never a password."""
+        self.engine, self.url = open_engine(url, create=create)
         upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
