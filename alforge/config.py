@@ -391,29 +391,30 @@ def _format_errors(path: Path, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-class _DuplicateKey(yaml.YAMLError):
-    """A mapping names the same key twice."""
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: PyYAML keeps the last one
-    silently, so a second ``lr:`` further down a file would quietly win over the first."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
+def _duplicate_keys(node: yaml.Node, where: str = "", seen: set[int] | None = None) -> list[str]:
+    """Every key given twice in one mapping of the composed YAML, as ``field.path (lines a and b)``:
+    PyYAML keeps the last one silently, so a second ``lr:`` further down a file would quietly win."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias of a node already walked
+        return []
+    seen.add(id(node))
+    found: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' may be overridden on purpose
                 continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
-            except TypeError:  # an unhashable key: construct_mapping reports it
-                continue
-            if first != key_node.start_mark.line + 1:
-                raise _DuplicateKey(
-                    f"key {key!r} given twice (line {first} and line {key_node.start_mark.line + 1})"
-                )
-        return super().construct_mapping(node, deep=deep)
+            key = str(key_node.value)
+            path = f"{where}.{key}" if where else key
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                found.append(f"{path} (line {lines[key]} and line {line})")
+            lines.setdefault(key, line)
+            found += _duplicate_keys(value_node, path, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += _duplicate_keys(item, f"{where}.{i}" if where else str(i), seen)
+    return found
 
 
 def parse_config(raw: Any, path: Path, *, check_device: bool = True) -> CampaignConfig:
@@ -440,10 +441,13 @@ def load_config(path: str | Path, *, check_device: bool = True) -> CampaignConfi
     path = Path(path).resolve()
     if not path.exists():
         raise ConfigError(f"{path}: campaign file not found")
+    text = path.read_text()
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
-    except _DuplicateKey as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        twice = _duplicate_keys(node) if node is not None else []
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if twice:
+        raise ConfigError(f"{path}: key(s) given twice: {'; '.join(twice)}")
     return parse_config(raw, path, check_device=check_device)

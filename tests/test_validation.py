@@ -89,9 +89,9 @@ def test_duplicate_yaml_keys_name_key_and_lines(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text("name: a\nseeds:\n  - generate: {element: Cu}\nmlip:\n  lr: 0.01\n  r_max: 4.0\n  lr: 0.1\n")
     message = _error(path)
-    assert "key 'lr' given twice (line 5 and line 7)" in message
-    path.write_text("name: a\nseeds:\n  - generate: {element: Cu}\nname: b\n")
-    assert "key 'name' given twice (line 1 and line 4)" in _error(path)
+    assert "key(s) given twice: mlip.lr (line 5 and line 7)" in message
+    path.write_text("name: a\nseeds:\n  - generate: {element: Cu, count: 2, count: 3}\nname: b\n")
+    assert "seeds.0.generate.count (line 3 and line 3); name (line 1 and line 4)" in _error(path)
 
 
 def test_yaml_merge_keys_may_be_overridden(tmp_path):
