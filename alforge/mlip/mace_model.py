@@ -32,6 +32,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -258,11 +260,16 @@ def _read(model_path: Path, device: str) -> tuple[torch.nn.Module, dict]:
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
-        raise ModelFormatError(
-            f"{path} is not an alforge model file and was not loaded: it holds more than weights and "
-            f"settings (a pickled module, perhaps planted), and unpickling it could run code "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from None
+        if isinstance(exc, pickle.UnpicklingError):  # torch's weights-only unpickler refused it
+            needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            raise ModelFormatError(
+                f"{path} is not an alforge model file and was not loaded: it pickles objects beyond "
+                f"weights and settings{f' (it needs {needs.group(1)})' if needs else ''}, as mace's "
+                "format or a planted file does, and unpickling it could run code"
+            ) from None
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelFormatError(f"{path} is not an alforge model file and was not loaded "
+                               f"({type(exc).__name__}: {first_line})") from None
     if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT:
         found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
         raise ModelFormatError(f"{path} is not an alforge model file (format {found!r}, expected {MODEL_FORMAT!r})")
