@@ -386,6 +386,8 @@ def _format_errors(path: Path, exc: ValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "<top level>"
         got = err.get("input")
+        if err["loc"][:1] == ("store",) and isinstance(got, str):
+            got = redact_url(got)  # an error message is shown and logged: never the password
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {loc}: {err['msg']}{shown}")
     return "\n".join(lines)

@@ -39,6 +39,13 @@ def test_campaign_file_dumps_never_carry_the_password(tmp_path):
     assert "hunter2" not in json.dumps(cfg.model_dump(mode="json"))
 
 
+def test_a_bad_store_url_is_named_without_its_password(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(tiny_campaign(tmp_path, store="postgresql://alice:hunter2@db:notaport/al"))
+    assert "  store: " in str(err.value) and "alice:***@db" in str(err.value)
+    assert "hunter2" not in str(err.value)
+
+
 def test_store_may_be_an_environment_reference(tmp_path, monkeypatch):
     path = tiny_campaign(tmp_path, store="$env:ALFORGE_TEST_STORE")
     with pytest.raises(ConfigError, match="  store: .*'ALFORGE_TEST_STORE' is not set"):
