@@ -102,7 +102,7 @@ def check_running() -> None:
 def spawning() -> Iterator[None]:
     """Hold the registry while a code is started, so a stop cannot miss it; refuse after a stop.
 
-    Use as ``with spawning(): proc = Popen(...); tracked = track(proc)``.
+    Use as ``with spawning(): proc = Popen(...); track(proc)``.
     """
     with _lock:
         check_running()
