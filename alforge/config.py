@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,8 +83,6 @@ def _e3nn_o3() -> Any:
     """``e3nn.o3``, imported only when irreps are checked (it imports torch). Its import unpickles a
     constants file that holds ``slice`` objects, which torch's ``weights_only`` loading refuses unless
     ``slice`` is allow-listed; nothing else is."""
-    import sys
-
     if "e3nn.o3" not in sys.modules:
         import torch
 

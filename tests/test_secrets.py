@@ -89,6 +89,22 @@ async def _prefect_records() -> tuple[list, list, list]:
     return runs, task_runs, logs
 
 
+def _assert_password_nowhere(password: str, store: Store, capfd) -> None:
+    """Not in any flow run's parameters, task run, log line, table row or console output."""
+    runs, task_runs, logs = asyncio.run(_prefect_records())
+    assert runs and task_runs and logs
+    for run in runs:
+        assert password not in json.dumps(run.parameters, default=str), run.name
+    assert not [t.name for t in task_runs if password in t.model_dump_json()]
+    assert not [log.message for log in logs if password in log.message]
+    with store.session() as s:  # every row of every table, as text
+        for table in models.Base.metadata.sorted_tables:
+            for row in s.execute(select(table)):
+                assert password not in repr(tuple(row)), table.name
+    out, err = capfd.readouterr()
+    assert password not in out and password not in err
+
+
 def test_password_is_absent_from_store_prefect_and_logs(tmp_path, postgres_db_url, prefect_harness, capfd):
     from alforge.flows.campaign import _label
 
@@ -106,22 +122,18 @@ def test_password_is_absent_from_store_prefect_and_logs(tmp_path, postgres_db_ur
     # the import flow, through the CLI, with the URL on the command line
     _labelled_file(tmp_path / "d.extxyz")
     assert main(["import", str(tmp_path / "d.extxyz"), "--store", postgres_db_url, "--campaign", "imported"]) == 0
+    assert json.loads(store.campaigns()[0].config_json)["store"] == redact_url(postgres_db_url)
+    _assert_password_nowhere(password, store, capfd)
 
-    runs, task_runs, logs = asyncio.run(_prefect_records())
-    names = {r.name for r in runs}
-    ours = [r for r in runs if r.parameters.get("campaign_id") == cid or r.parameters.get("campaign") == "imported"]
-    assert len(ours) >= 2, names
-    for run in runs:
-        assert password not in json.dumps(run.parameters, default=str), run.name
-    assert task_runs and not [t.name for t in task_runs if password in t.model_dump_json()]
-    assert logs and not [log.message for log in logs if password in log.message]
 
-    with store.session() as s:  # every row of every table, as text
-        for table in models.Base.metadata.sorted_tables:
-            for row in s.execute(select(table)):
-                assert password not in repr(tuple(row)), table.name
-    config_json = json.loads(store.campaigns()[0].config_json)
-    assert config_json["store"] == redact_url(postgres_db_url)
-
-    out, err = capfd.readouterr()
-    assert password not in out and password not in err
+@pytest.mark.slow
+def test_a_whole_campaign_keeps_the_password_out(tmp_path, postgres_db_url, prefect_harness, capfd):
+    """``alforge run`` with the password written in the campaign file: one iteration, end to end."""
+    password = make_url(postgres_db_url).password
+    path = tiny_campaign(tmp_path, store=postgres_db_url, stopping={"max_iterations": 1})
+    assert main(["run", str(path)]) == 0
+    store = Store(postgres_db_url, create=False)
+    (campaign,) = store.campaigns()
+    assert campaign.status == "finished" and store.models(campaign.id)
+    assert json.loads(campaign.config_json)["store"] == redact_url(postgres_db_url)
+    _assert_password_nowhere(password, store, capfd)
