@@ -258,7 +258,7 @@ def _read(model_path: Path, device: str) -> tuple[torch.nn.Module, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"MACE model file {path} does not exist")
     try:
-        saved = torch.load(path, map_location=device, weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # built on the CPU, then moved
     except Exception as exc:
         if isinstance(exc, pickle.UnpicklingError):  # torch's weights-only unpickler refused it
             needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
