@@ -82,6 +82,7 @@ class CampaignInterrupted(SystemExit):
 _lock = threading.RLock()  # re-entrant: the handler may run in the main thread while it holds it
 _running: set[subprocess.Popen[Any]] = set()
 _stop_signal: int | None = None
+_watcher: threading.Thread | None = None  # reads the signal wakeup fd (handle_termination)
 
 
 def supervised(argv: list[str]) -> list[str]:
@@ -188,9 +189,12 @@ def handle_termination() -> None:
     writes every signal number to the wakeup fd, and a watcher thread reading it kills the groups at
     once. The Python handler then turns the signal into :class:`CampaignInterrupted`.
     """
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-    threading.Thread(target=_watch_wakeups, args=(read_end,), name="alforge-stop", daemon=True).start()
+    global _watcher
+    if _watcher is None:  # once per process
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        _watcher = threading.Thread(target=_watch_wakeups, args=(read_end,), name="alforge-stop", daemon=True)
+        _watcher.start()
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_signal)

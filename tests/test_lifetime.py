@@ -10,6 +10,7 @@ nothing is timed: Prefect's ephemeral API can take long to start on a loaded mac
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import subprocess
@@ -79,7 +80,8 @@ def _campaign(tmp_path: Path) -> Path:
     )
 
 
-def _hashes(path: Path) -> list[str]:
+def _labelled(path: Path) -> tuple[list[str], list[str]]:
+    """(canonical hashes of the seed and test structures, their labels' statuses)."""
     from alforge.config import load_config
     from alforge.storage import Store
 
@@ -87,7 +89,7 @@ def _hashes(path: Path) -> list[str]:
     store = Store(str(cfg.store))
     cid = store.campaign_id(cfg.name)
     ids = store.structure_ids(cid, role="seed") + store.structure_ids(cid, role="test")
-    return sorted(canonical_hash(a) for a in store.get_atoms(ids))
+    return sorted(canonical_hash(a) for a in store.get_atoms(ids)), [label.status for label in store.labels(ids)]
 
 
 @pytest.mark.slow
@@ -124,12 +126,13 @@ def test_no_code_survives_the_campaign(tmp_path: Path, sig: signal.Signals) -> N
     else:
         assert status == 128 + sig, output[-3000:]
         assert f"interrupted by {sig.name}" in output
+        assert "running" not in _labelled(path)[1], "a stopped campaign puts its running labels back"
 
     (tmp_path / "hang").unlink()
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     calls = sorted((tmp_path / "calls.log").read_text().split())
-    assert calls == _hashes(path), "the resume labels every structure exactly once"
+    assert calls == _labelled(path)[0], "the resume labels every structure exactly once"
 
 
 def test_supervisor_kills_the_group_when_its_parent_dies(tmp_path: Path) -> None:
@@ -161,3 +164,44 @@ def test_exit_status_and_argv() -> None:
     assert subprocess.run(wrapped).returncode == 0
     assert subprocess.run(supervised(["sh", "-c", "exit 7"])).returncode == 7
     assert subprocess.run(supervised(["sh", "-c", "kill -9 $$"])).returncode == -signal.SIGKILL
+
+
+def test_stop_kills_codes_of_labelling_threads_and_refuses_new_ones(tmp_path: Path) -> None:
+    """In one process (a subprocess here, as a stop is final): SIGTERM kills a code a worker thread
+    waits for, the thread gets CampaignInterrupted rather than an exit status, the main thread gets
+    it too, and no code starts afterwards."""
+    script = f"""
+import os, signal, sys, threading, time
+from pathlib import Path
+from alforge import lifetime
+from alforge.labelling.runner import run_process
+
+d = Path({str(tmp_path)!r})
+lifetime.handle_termination()
+seen = []
+def label():
+    try:
+        run_process(["sh", "-c", "echo $$ > pid; exec sleep 600"], d, d / "out", d / "err")
+    except lifetime.CampaignInterrupted as exc:
+        seen.append(exc.code)
+worker = threading.Thread(target=label)
+worker.start()
+while not (d / "pid").exists() or not (d / "pid").read_text().strip():
+    time.sleep(0.05)
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+except lifetime.CampaignInterrupted as exc:
+    seen.append(exc.code)
+worker.join(60)
+try:
+    run_process(["true"], d, d / "out", d / "err")
+except lifetime.CampaignInterrupted:
+    seen.append("refused")
+print(seen, (d / "pid").read_text().strip())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen, pid = out.stdout.rsplit(" ", 1)
+    assert ast.literal_eval(seen) == [143, 143, "refused"]  # the worker's, the main thread's, the refusal
+    assert not _wait_gone([int(pid)]), "the code outlived the stop"
