@@ -99,7 +99,8 @@ class PostgresServer:
 
 def _postgres_bin() -> Path | None:
     """The newest Debian PostgreSQL server binaries (`/usr/lib/postgresql/<ver>/bin`), or one on PATH."""
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                      key=lambda p: [int(x) for x in p.parts[-3].split(".") if x.isdigit()])
     if versions:
         return versions[-1].parent
     initdb = shutil.which("initdb")
