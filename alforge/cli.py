@@ -1,10 +1,12 @@
 """``alforge`` command line: parses arguments and calls flows or reads the store, nothing more.
 
-    alforge run CAMPAIGN.yaml            (exit status 3: paused by the labelling failure budget;
+    alforge run CAMPAIGN.yaml [--wait] [--accept-changes]
+                                         (exit status 3: paused by the labelling failure budget;
                                           143/130: stopped by SIGTERM/SIGINT, codes killed)
     alforge status   [--config CAMPAIGN.yaml | --store URL] [--campaign NAME] [--json]
     alforge export   [--config ... | --store ...] --campaign NAME --out train.extxyz [--model FILE] [--test]
     alforge import   FILE [--config ... | --store ...] --campaign NAME [--energy-key ...]
+    alforge retry    CAMPAIGN.yaml [--class crash,scf_not_converged] [--role seed,test,candidate]
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     handle_termination()  # SIGTERM/SIGINT: kill the running codes, unwind, exit 128 + signum
     try:
-        result = campaign(str(Path(args.config_file).resolve()))
+        result = campaign(str(Path(args.config_file).resolve()), wait=args.wait, accept_changes=args.accept_changes)
     except CampaignInterrupted as exc:
         print(f"alforge: {exc}; its unfinished labels run again on resume", file=sys.stderr)
         return exc.code
@@ -192,8 +194,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not models:
             raise SystemExit(f"alforge: campaign {name!r} has no model yet")
         latest = models[-1]
-        if not Path(latest.path).is_file():
-            raise SystemExit(f"alforge: the model file of iteration {latest.iteration_index} is missing: {latest.path}")
+        store.model_file(latest.id)  # there, and the file the store describes (ModelFileError otherwise)
     ase.io.write(args.out, atoms, format="extxyz")
     print(f"wrote {len(atoms)} labelled structures of {name!r} to {args.out}")
     if latest is not None:
@@ -230,6 +231,28 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Failed labels are retried only when asked: the next ``alforge run`` computes these again."""
+    from alforge.config import load_config
+    from alforge.labelling.base import FailureClass
+    from alforge.storage import Store
+
+    def listed(value: str | None, known: set[str], what: str) -> list[str] | None:
+        items = [v.strip() for v in value.split(",") if v.strip()] if value else []
+        unknown = sorted(set(items) - known)
+        if unknown:
+            raise SystemExit(f"alforge: unknown {what} {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        return items or None
+
+    classes = listed(args.classes, {f.value for f in FailureClass}, "failure class(es)")
+    roles = listed(args.roles, {"seed", "test", "candidate"}, "role(s)")
+    cfg = load_config(args.campaign_file, check_device=False)
+    store = Store(str(cfg.store), create=False)
+    n = store.reset_failed_labels(store.campaign_id(cfg.name), classes=classes, roles=roles)
+    print(f"campaign {cfg.name!r}: {n} failed label(s) back to pending; `alforge run` computes them again")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
@@ -237,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run or resume a campaign")
     p.add_argument("config_file")
+    p.add_argument("--wait", action="store_true", help="if another run owns the campaign, wait for it to finish")
+    p.add_argument(
+        "--accept-changes", action="store_true",
+        help="go on with changed labeller/MLIP settings that do not change the labels (a new labeller: a new campaign)",
+    )
     p.set_defaults(func=cmd_run)
 
     def store_args(p: argparse.ArgumentParser) -> None:
@@ -266,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stress-key", default="stress")
     p.add_argument("--role", choices=("seed", "test"), default="seed")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("retry", help="put failed, non-quarantined labels back to pending for the next run")
+    p.add_argument("campaign_file", metavar="CAMPAIGN", help="campaign file")
+    p.add_argument("--class", dest="classes", help="only these failure classes (comma-separated, e.g. crash,scf_not_converged)")
+    p.add_argument("--role", dest="roles", help="only structures of these roles (comma-separated: seed,test,candidate)")
+    p.set_defaults(func=cmd_retry)
     return parser
 
 

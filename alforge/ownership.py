@@ -18,9 +18,9 @@ PostgreSQL), keeps it alive with a heartbeat thread, and gives it back on every 
 
 from __future__ import annotations
 
-import _thread
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -81,7 +81,8 @@ def one_line(exc: BaseException) -> str:
 
 class _Heartbeat(threading.Thread):
     """Renews the lease (and this owner's label claims) every ``ttl / 4`` seconds. If the lease is
-    found taken over, the main thread is interrupted: a run that lost its campaign must stop."""
+    found taken over, the main thread is interrupted (as by SIGINT, so :mod:`alforge.lifetime` kills
+    the running codes): a run that lost its campaign must stop."""
 
     def __init__(self, store: Store, campaign_id: int, owner: str, ttl: float) -> None:
         super().__init__(name=f"alforge-lease-{campaign_id}", daemon=True)
@@ -99,7 +100,8 @@ class _Heartbeat(threading.Thread):
             if not renewed:
                 self.lost = True
                 log.error("campaign %s: lease lost to another run; stopping this one", self.campaign_id)
-                _thread.interrupt_main()
+                # a real signal aimed at the main thread wakes it from a blocking wait
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                 return
 
     def stop(self) -> None:
@@ -152,7 +154,7 @@ def campaign_lease(
     try:
         yield lease
     except BaseException as exc:
-        if beat.lost and isinstance(exc, KeyboardInterrupt):
+        if beat.lost:  # the heartbeat interrupted the main thread (as SIGINT: running codes are killed)
             raise LeaseLost(f"campaign {name!r}: this run's lease expired and another run took it over") from None
         status = "failed" if isinstance(exc, Exception) else "interrupted"
         message = one_line(exc)

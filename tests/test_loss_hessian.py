@@ -264,6 +264,7 @@ def test_validation_force_residuals_are_the_model_forces(model_path: Path, valid
 def test_hessian_is_stored_once_per_model(model_path: Path, train_set: list[Atoms], tmp_path: Path) -> None:
     from alforge.mlip.mace_model import read_training_settings
     from alforge.storage import Store
+    from alforge.storage.model_files import file_sha256
     from alforge.storage.store import LabelRecord
     from alforge.tasks import hessian as hessian_task
 
@@ -280,7 +281,7 @@ def test_hessian_is_stored_once_per_model(model_path: Path, train_set: list[Atom
                                             stress=voigt_6_to_full_3x3_stress(results["stress"])
                                             if "stress" in results else None))  # fmt: skip
     it = store.get_or_create_iteration(cid, 0)
-    mid = store.add_model(cid, it, str(model_path), sids, {})
+    mid = store.add_model(cid, it, str(model_path), sids, {}, sha256=file_sha256(model_path))
     assert store.get_hessian(mid, "loss") is None
     first = hessian_task.ensure_hessian(url, mid)
     stored = store.get_hessian(mid, "loss")

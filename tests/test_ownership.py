@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 from datetime import datetime, timezone
 
 import pytest
@@ -19,7 +20,7 @@ from sqlalchemy import update
 
 from alforge.config_changes import ConfigChanged, check_changes
 from alforge.labelling.registry import make_labeller
-from alforge.ownership import HOST, LeaseHeld, campaign_lease, holder_gone
+from alforge.ownership import HOST, LeaseHeld, LeaseLost, campaign_lease, holder_gone
 from alforge.storage import Store
 from alforge.storage import models as orm
 from alforge.storage.model_files import ModelFileError, file_sha256
@@ -63,13 +64,15 @@ def _dead_pid() -> int:
 
 
 def _race(url: str, n: int, attempt) -> list:
-    """Run ``attempt(store, k)`` on ``n`` threads at once, each with its own Store; their results."""
-    stores = [Store(url) for _ in range(n)]
+    """Run ``attempt(store, k)`` on ``n`` threads at once, each opening its own Store (engine,
+    connections, migration check) right after the start signal; their results."""
+    stores: list = [None] * n
     barrier = threading.Barrier(n)
     results: list = [None] * n
 
     def run(k: int) -> None:
         barrier.wait()
+        stores[k] = Store(url)
         results[k] = attempt(stores[k], k)
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
@@ -277,3 +280,33 @@ def test_lease_times_are_utc(store, cid):
     lease = store.acquire_lease(cid, "a", HOST, 1)
     now = datetime.now(timezone.utc)
     assert lease.acquired_at.tzinfo is not None and abs((now - lease.acquired_at).total_seconds()) < 600
+
+
+def test_runs_opening_a_new_store_at_once_migrate_it_once(url):
+    stores = _race(url, 4, lambda s, k: len(s.campaigns()))  # each contender's Store() migrates
+    assert stores == [0, 0, 0, 0]
+
+
+def test_a_failed_label_gets_one_new_round_per_pick(store, cid):
+    (lid,) = _labels(store, cid, 1)
+    sid = store.structure_ids(cid)[0]
+    store.start_label(lid)
+    store.finish_label(lid, LabelRecord("failed", failure_class="crash", error="x"))
+    picked_at = datetime.now(timezone.utc)
+    store.request_labels([sid], "emt", "h", retry_failed_before=picked_at)
+    assert store.label_counts(cid) == {"pending": 1}, "picked after it failed: a new round"
+    store.start_label(lid)
+    store.finish_label(lid, LabelRecord("failed", failure_class="crash", error="x"))
+    store.request_labels([sid], "emt", "h", retry_failed_before=picked_at)  # a rerun reusing that pick
+    assert store.label_counts(cid) == {"failed": 1}, "failed again in that round: stays failed on reruns"
+    store.request_labels([sid], "emt", "h")  # seeds and tests are requested without a pick
+    assert store.label_counts(cid) == {"failed": 1}
+
+
+def test_a_run_that_loses_its_lease_stops(store, cid):
+    with pytest.raises(LeaseLost, match="another run took it over"):
+        with campaign_lease(store, cid, "c", ttl=0.4, owner="slow"):
+            store.acquire_lease(cid, "slow", HOST, os.getpid(), ttl=-1.0)  # its heartbeat missed
+            assert store.acquire_lease(cid, "fast", "elsewhere", 1).owner == "fast"
+            time.sleep(30)  # interrupted by the heartbeat long before this ends
+    assert store.lease(cid).owner == "fast", "the new owner's lease is left alone"

@@ -7,6 +7,7 @@ so running the flow again on the same campaign resumes where a crash left it.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -16,7 +17,9 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from alforge.config import CampaignConfig, LabellerConfig, load_config
+from alforge.config_changes import check_changes
 from alforge.flows.stopping import failure_budget_reason, remaining_budget, stop_reason
+from alforge.ownership import campaign_lease
 from alforge.selectors import make_selector
 from alforge.tasks.common import bind_campaign, campaign_store_url, open_store
 from alforge.tasks.diagnostics import diagnostics
@@ -81,15 +84,40 @@ def _fmt(x: float | None, unit: str) -> str:
     return "n/a" if x is None else f"{x * 1000:.1f} m{unit}"
 
 
+def campaign(config_path: str, *, wait: bool = False, accept_changes: bool = False) -> dict[str, Any]:
+    """Run (or resume) the campaign described by ``config_path`` as its one owner.
+
+    The lease is taken before Prefect starts, so a second run stops at once (or, with ``wait``,
+    waits for the owner to finish); settings that differ from the stored ones are refused unless
+    accepted (:mod:`alforge.config_changes`). Every way out releases the lease, puts this run's
+    running labels back to pending and records a crash as the campaign's status (:mod:`alforge.ownership`).
+    """
+    cfg: CampaignConfig = load_config(config_path)
+    store = open_store(str(cfg.store))
+    identity = labeller_identity(cfg.labeller)
+    config = cfg.model_dump(mode="json")
+    cid = store.get_or_create_campaign(cfg.name, config, identity)
+    # refused settings are refused before the lease: the campaign's status stays what it was
+    latest = store.config_versions(cid)[-1]
+    stored = (latest.calculator, latest.params_hash) if latest.calculator is not None else None
+    changes = check_changes(cfg.name, json.loads(latest.config_json), stored, config, identity, accept_changes)
+    with campaign_lease(store, cid, cfg.name, wait=wait):
+        if changes or stored is None:  # a new version of the history, never an overwrite
+            store.record_config(cid, config, [c.as_dict() for c in changes], identity)
+        for change in changes:
+            print(f"campaign {cfg.name!r}: setting changed: {change}")
+        return campaign_flow(config_path)
+
+
 @flow(name="campaign", log_prints=True)
-def campaign(config_path: str) -> dict[str, Any]:
-    """Run (or resume) the campaign described by ``config_path``."""
+def campaign_flow(config_path: str) -> dict[str, Any]:
+    """The campaign's work in order; call it through :func:`campaign`, which owns the campaign."""
     cfg: CampaignConfig = load_config(config_path)
     # Scratch directories of external codes go beside the campaign unless the user chose a place.
     os.environ.setdefault("ALFORGE_SCRATCH", str(cfg.workdir / "scratch"))
     url = str(cfg.store)
     store = open_store(url)
-    cid = store.get_or_create_campaign(cfg.name, cfg.model_dump(mode="json"))
+    cid = store.campaign_id(cfg.name)
     store.set_campaign_status(cid, "running")
     calculator, params_hash = labeller_identity(cfg.labeller)
     ingest_sources(url, cid, cfg.seeds, "seed", calculator, params_hash)

@@ -41,5 +41,12 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the database to ``revision`` (creates the schema on an empty database)."""
     cfg = alembic_config()
     with engine.begin() as conn:
+        # Two runs opening a new store at once would both create the schema ("table already
+        # exists"): the migration holds the database's write lock (SQLite: pysqlite would run the
+        # DDL outside any transaction) or a transaction-scoped advisory lock (PostgreSQL).
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        elif engine.dialect.name == "postgresql":
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7158210)")  # any fixed key: alforge's
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)

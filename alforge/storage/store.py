@@ -474,12 +474,18 @@ class Store:
 
     # ---------------------------------------------------------------- labels
     def request_labels(
-        self, structure_ids: Sequence[int], calculator: str, params_hash: str, retry_failed: bool = False
+        self,
+        structure_ids: Sequence[int],
+        calculator: str,
+        params_hash: str,
+        retry_failed_before: datetime | None = None,
     ) -> None:
         """Create pending label rows for structures that have none for this calculator set-up.
 
-        With ``retry_failed``, a failed label of a structure that is not quarantined goes back to
-        pending: a new labelling round (its earlier attempts still count towards quarantine).
+        With ``retry_failed_before`` (the time of the selection that picked them), a label of a
+        structure that is not quarantined and that failed *before* that time goes back to pending:
+        one new labelling round per new pick (its earlier attempts still count towards quarantine).
+        A label that failed after it, in that round, stays failed on every rerun.
         """
         ids = list(dict.fromkeys(structure_ids))
         with self.session() as s, s.begin():
@@ -508,7 +514,7 @@ class Store:
                         for i in todo
                     ],
                 )
-            if retry_failed:
+            if retry_failed_before is not None:
                 eligible = select(models.Structure.id).where(
                     models.Structure.id.in_(ids), models.Structure.quarantined.is_(False)
                 )
@@ -519,6 +525,7 @@ class Store:
                         models.Label.calculator == calculator,
                         models.Label.params_hash == params_hash,
                         models.Label.status == "failed",
+                        models.Label.finished_at < retry_failed_before,
                     )
                     .values(status="pending")
                 )
@@ -1080,6 +1087,7 @@ class Store:
                 "picked_ids": _ids(row.picked_ids),
                 "scores": np.frombuffer(row.scores, dtype="<f8").copy(),
                 "info": json.loads(row.info_json) if row.info_json else {},
+                "created_at": row.created_at,
             }
 
     def selection_count(self, campaign_id: int) -> int:

@@ -9,8 +9,6 @@ half, ENCE, miscalibration area, NLL, Spearman and conformal coverage on the oth
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -98,7 +96,7 @@ def diagnostics(
         atoms = np.concatenate(store.get_features(model_id, LAST_LAYER, ids))
         out[f"lpr_{name}"] = _quantiles(local_prediction_rigidity(hessian, atoms))
     if test_ids:  # CPR of each MACE readout block: which layer's features the test set lacks
-        _, blocks = last_layer_weights(load_model(Path(store.model(model_id).path)))
+        _, blocks = last_layer_weights(load_model(store.model_file(model_id)))
         cpr = component_prediction_rigidity(hessian, structure_features(store_url, model_id, test_ids), blocks)
         out["cpr_test"] = {name: _quantiles(values) for name, values in cpr.items()}
     if len(test_ids) >= 2:

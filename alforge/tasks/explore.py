@@ -4,7 +4,6 @@ iteration's candidate pool (its MD frames plus the unlabelled structures of a fi
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 from ase import Atoms
@@ -31,7 +30,7 @@ def _gamma_check(store_url: str, model_id: int, gamma_hi: float) -> Callable[[At
     rows, _ = atom_features(store_url, model_id, train_ids)
     numbers = np.concatenate([a.numbers for a in store.get_atoms(train_ids)])
     active = {int(z): aset for z, aset in active_sets(rows, numbers).items()}
-    return gamma_check(load_model(Path(model.path)), active, gamma_hi)
+    return gamma_check(load_model(store.model_file(model_id)), active, gamma_hi)
 
 
 @task(name="explore", tags=["explore"], cache_policy=NO_CACHE)
@@ -54,7 +53,7 @@ def explore(
     rng = np.random.default_rng([seed, iteration.index])
     starts = [int(i) for i in rng.choice(model.train_ids, size=cfg.walkers, replace=len(model.train_ids) < cfg.walkers)]
     start_atoms = store.get_atoms(starts)
-    calc = load_calculator(model.path)
+    calc = load_calculator(store.model_file(model_id))
     check = _gamma_check(store_url, model_id, cfg.gamma_hi) if cfg.gamma_hi is not None else None
     logger = get_run_logger()
     frames, parents, provenance = [], [], []

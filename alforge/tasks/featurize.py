@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,7 +28,7 @@ def ensure_features(store_url: str, model_id: int, structure_ids: list[int]) -> 
     store = open_store(store_url)
     # ENERGY is the newest kind: structures featurized before it existed are computed again
     todo = store.missing_features(model_id, ENERGY, list(dict.fromkeys(structure_ids)))
-    path = Path(store.model(model_id).path)
+    path = store.model_file(model_id) if todo else None  # hash-checked before it is loaded
     for start in range(0, len(todo), CHUNK):
         ids = todo[start : start + CHUNK]
         feats = compute_features(path, store.get_atoms(ids))
@@ -81,7 +80,7 @@ def ensure_label_rows(
 
     store = open_store(store_url)
     todo = store.missing_features(model_id, LABEL_ROWS, list(dict.fromkeys(structure_ids)))
-    path = Path(store.model(model_id).path)
+    path = store.model_file(model_id) if todo else None  # hash-checked before it is loaded
     for start in range(0, len(todo), CHUNK):
         chunk = todo[start : start + CHUNK]
         rows = label_rows(path, store.get_atoms(chunk), weights)

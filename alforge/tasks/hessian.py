@@ -63,7 +63,7 @@ def ensure_hessian(
         fitted, held = training_split(info.train_ids, settings, info.path)
         held = list(validation_ids) if validation_ids is not None else held
         hessian = loss_hessian(
-            Path(info.path),
+            store.model_file(model_id),  # hash-checked before it is loaded
             store.get_labelled_atoms(fitted),
             form=form,
             settings=settings,

@@ -2,7 +2,8 @@
 
 Every outcome is stored, none is raised: a DFT failure is an event in the store (failure class,
 message, the code's last output lines, every attempt and the policy's decision), never a crash of
-the campaign. A label that is already finished is skipped, never recomputed.
+the campaign. A label that is already finished, or claimed by another live run, is skipped, never
+recomputed; the claim's owner is this process (:data:`alforge.ownership.PROCESS_OWNER`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from alforge.config import LabellerConfig
 from alforge.labelling.base import FailureClass, Labeller
 from alforge.labelling.policy import RetryPolicy, label_with_policy
 from alforge.labelling.registry import make_labeller
+from alforge.ownership import PROCESS_OWNER
 from alforge.storage.store import LabelRecord
 from alforge.tasks.common import open_store
 
@@ -45,7 +47,7 @@ def labeller_identity(cfg: LabellerConfig) -> tuple[str, str]:
 def label_structure(store_url: str, label_id: int, structure_id: int, cfg: LabellerConfig) -> str:
     """Compute and store one label; returns ``done``, ``failed``, ``quarantined`` or ``skipped``."""
     store = open_store(store_url)
-    if not store.start_label(label_id):
+    if not store.start_label(label_id, owner=PROCESS_OWNER):  # finished, or a live run computes it
         return "skipped"
     (atoms,) = store.get_atoms([structure_id])
     atoms.info.pop("alforge_id", None)
@@ -75,7 +77,8 @@ def label_structure(store_url: str, label_id: int, structure_id: int, cfg: Label
             output_tail=last.output_tail or None, metadata=meta or None, **common,
         )
     quarantine = last.decision == "quarantine"
-    store.finish_label(label_id, record, [a.to_dict() for a in attempts], quarantine=quarantine)
+    if not store.finish_label(label_id, record, [a.to_dict() for a in attempts], quarantine, owner=PROCESS_OWNER):
+        return "skipped"  # the claim was lost (the lease released or taken over): not ours to store
     return "quarantined" if quarantine else record.status
 
 

@@ -101,7 +101,7 @@ def select_batch(
         if committee and candidates:
             from alforge.mlip.committee import max_force_deviation
 
-            paths = [store.model(model_id).path, *store.committee_paths(model_id).values()]
+            paths = [store.model_file(model_id), *store.committee_files(model_id).values()]
             if len(paths) < committee:
                 raise RuntimeError(f"model {model_id} has {len(paths)} committee models, selector needs {committee}")
             context["force_deviation"] = max_force_deviation(paths[:committee], store.get_atoms(candidates))
@@ -139,8 +139,9 @@ def select_batch(
         )
         stored = store.selection_for_iteration(iteration_id)
     picked = [int(i) for i in stored["picked_ids"]]
-    # idempotent (resumes a crash right here); a re-picked failed structure starts a new round
-    store.request_labels(picked, calculator, params_hash, retry_failed=True)
+    # idempotent (resumes a crash right here). A failed structure picked by this selection starts
+    # one new round: a label that failed again after the pick stays failed on reruns (`alforge retry`)
+    store.request_labels(picked, calculator, params_hash, retry_failed_before=stored["created_at"])
     return {
         "picked": picked,
         "scores": [float(s) for s in stored["scores"]],

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from alforge.mlip.params import MACEParams
+from alforge.storage.model_files import file_sha256
 from alforge.tasks.common import open_store
 
 TRAINING_ROLES = ("seed", "candidate")
@@ -22,65 +24,85 @@ def training_ids(store_url: str, campaign_id: int) -> list[int]:
     return sorted(i for i in pool if i in labelled)
 
 
+def _unique_model_path(workdir: str, stem: str) -> Path:
+    """A file name no other run uses (``<stem>-<8 hex>.model``): a model file is never replaced, so a
+    row can never come to describe another run's model."""
+    return Path(workdir) / "models" / f"{stem}-{uuid.uuid4().hex[:8]}.model"
+
+
+def _discard(path: Path) -> None:
+    """Remove a model this run trained but another run stored first (and its settings file)."""
+    from alforge.mlip.mace_model import training_settings_path
+
+    for p in (path, training_settings_path(path)):
+        p.unlink(missing_ok=True)
+
+
 @task(name="train", tags=["train"], cache_policy=NO_CACHE)
 def train_model(
     store_url: str, campaign_id: int, iteration_id: int, params: MACEParams, workdir: str
 ) -> int:
     """Model id of this iteration, training it unless the store already has it.
 
-    Continues from the previous iteration's weights (mace's format, loadable by ``MACECalculator``).
+    Continues from the previous iteration's weights (mace's format, loadable by ``MACECalculator``),
+    once their file's hash matches the store. The new model goes to a unique path and its row
+    carries the file's SHA-256; if another run stored this iteration's model first, that one wins
+    and this run's file is removed.
     """
     from alforge.mlip.mace_model import train_mace
 
     store = open_store(store_url)
     existing = store.model_for_iteration(iteration_id)
     if existing is not None:
-        if not Path(existing.path).exists():
-            raise FileNotFoundError(
-                f"model {existing.id} of iteration {existing.iteration_index} is in the store but its file "
-                f"{existing.path} is missing; restore it or start a new campaign"
-            )
+        store.model_file(existing.id)  # its file is there and is the one stored (ModelFileError if not)
         return existing.id
     index = store.iteration(iteration_id).index
     previous = [m for m in store.models(campaign_id) if m.iteration_index < index]
-    init = Path(previous[-1].path) if previous and Path(previous[-1].path).exists() else None
+    init = store.model_file(previous[-1].id) if previous and Path(previous[-1].path).exists() else None
     ids = training_ids(store_url, campaign_id)
     if not ids:
         raise RuntimeError(f"campaign {campaign_id}: no labelled training structures to train on")
     atoms = store.get_labelled_atoms(ids)
-    out = Path(workdir) / "models" / f"iteration-{index:03d}.model"
+    out = _unique_model_path(workdir, f"iteration-{index:03d}")
     out.parent.mkdir(parents=True, exist_ok=True)
     result = train_mace(atoms, params, out, init_model=init)
     metrics = {**result.metrics, "epochs": result.epochs, "finetuned": result.finetuned, "n_train": len(ids)}
-    return store.add_model(
-        campaign_id, iteration_id, str(out), ids, metrics, parent_model_id=previous[-1].id if previous else None
+    model_id = store.add_model(
+        campaign_id, iteration_id, str(out), ids, metrics,
+        parent_model_id=previous[-1].id if previous else None, sha256=file_sha256(out),
     )
+    if store.model(model_id).path != str(out):
+        _discard(out)
+    return model_id
 
 
 @task(name="train-committee", tags=["train"], cache_policy=NO_CACHE)
 def train_committee(store_url: str, model_id: int, size: int, params: MACEParams, workdir: str) -> list[str]:
     """Paths of the model's committee (itself first), training the missing members: same data,
-    seeds ``params.seed + m``, each continuing from the previous iteration's member ``m``."""
+    seeds ``params.seed + m``, each continuing from the previous iteration's member ``m``. Files
+    and rows as in :func:`train_model`: unique paths, hashes, the first stored member wins."""
     from alforge.mlip.mace_model import train_mace
 
     store = open_store(store_url)
     model = store.model(model_id)
-    members = store.committee_paths(model_id)
+    members = {m: str(p) for m, p in store.committee_files(model_id).items()}
     previous = {}
     if model.parent_model_id is not None:
-        previous = store.committee_paths(model.parent_model_id)
+        previous = store.committee_files(model.parent_model_id, skip_missing=True)
     atoms = None
     for m in range(1, size):
         if m in members:
             continue
         atoms = atoms or store.get_labelled_atoms([int(i) for i in model.train_ids])
-        out = Path(workdir) / "models" / f"iteration-{model.iteration_index:03d}.member-{m}.model"
-        init = Path(previous[m]) if m in previous and Path(previous[m]).exists() else None
+        out = _unique_model_path(workdir, f"iteration-{model.iteration_index:03d}.member-{m}")
+        out.parent.mkdir(parents=True, exist_ok=True)
         seed = params.seed + m
-        result = train_mace(atoms, params.model_copy(update={"seed": seed}), out, init_model=init)
-        store.add_committee_member(model_id, m, seed, str(out), result.metrics)
-        members[m] = str(out)
-    return [model.path] + [members[m] for m in range(1, size)]
+        result = train_mace(atoms, params.model_copy(update={"seed": seed}), out, init_model=previous.get(m))
+        stored = store.add_committee_member(model_id, m, seed, str(out), result.metrics, sha256=file_sha256(out))
+        if stored != str(out):
+            _discard(out)
+        members[m] = stored
+    return [str(store.model_file(model_id))] + [members[m] for m in range(1, size)]
 
 
 @task(name="evaluate", tags=["evaluate"], cache_policy=NO_CACHE)
@@ -95,7 +117,7 @@ def evaluate_model(store_url: str, campaign_id: int, model_id: int) -> dict[str,
     test_ids = sorted(set(store.labelled_ids(campaign_id, role="test")))
     if not test_ids:
         return info.metrics
-    errors = evaluate(Path(info.path), store.get_labelled_atoms(test_ids))
+    errors = evaluate(store.model_file(model_id), store.get_labelled_atoms(test_ids))
     metrics = {f"test_{k}": v for k, v in errors.items()} | {"n_test": len(test_ids)}
     store.update_model_metrics(model_id, metrics)
     return info.metrics | metrics
