@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="if another run owns the campaign, wait for it to finish")
     p.add_argument(
         "--accept-changes", action="store_true",
-        help="go on with changed labeller/MLIP settings that do not change the labels (a new labeller: a new campaign)",
+        help="go on with changed MLIP settings (they do not change the labels; a new labeller means a new campaign)",
     )
     p.set_defaults(func=cmd_run)
 

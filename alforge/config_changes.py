@@ -7,9 +7,11 @@ compared field by field with the campaign's stored config:
 * a different **labeller identity** (the ``(calculator, params_hash)`` its labels are stored under,
   which covers only the settings that change the physics: see each labeller's docstring) is refused
   outright: a new labeller means a new campaign, or relabelling (a future ``alforge relabel``);
-* any other change under ``labeller`` (concurrency, retries, timeouts, logging options) or ``mlip``
-  is refused unless accepted (``alforge run --accept-changes``): none of them changes a label;
-* changes elsewhere (stopping, selector, exploration, sources) are taken as they come.
+* a change under ``mlip`` is refused unless accepted (``alforge run --accept-changes``): it changes
+  the models trained from now on, not the labels;
+* other changes (labeller settings outside its identity, such as concurrency, failure budget,
+  retries, timeouts or logging options; stopping, selector, exploration, sources) are taken as they
+  come: raising the failure budget of a paused campaign is the documented way to resume it.
 
 Every accepted change is kept in the store's config history (:meth:`Store.record_config`).
 """
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 #: Top-level sections whose changes must be accepted explicitly.
-GUARDED = ("labeller", "mlip")
+GUARDED = ("mlip",)
 
 
 class ConfigChanged(RuntimeError):
@@ -85,6 +87,7 @@ def check_changes(
         raise ConfigChanged(
             f"campaign {name!r}: settings differ from the stored ones: "
             + "; ".join(map(str, guarded))
-            + ". None of these changes a label; rerun with --accept-changes to go on with them"
+            + ". They change the models trained from now on, not the labels; rerun with --accept-changes"
+            " to go on with them"
         )
     return changes

@@ -264,8 +264,11 @@ def test_config_changes_are_classified():
     with pytest.raises(ConfigChanged, match=r"mlip\.max_epochs: 6 -> 8.*--accept-changes"):
         check_changes("c", old, ident, mlip, ident, False)
     assert len(check_changes("c", old, ident, mlip, ident, True)) == 1
-    with pytest.raises(ConfigChanged, match=r"labeller\.concurrency: 1 -> 4"):
-        check_changes("c", old, ident, _cfg(concurrency=4), ident, False)
+    budget = check_changes("c", old, ident, _cfg(concurrency=4, kwargs={"log": "x"}), ident, False)
+    assert [str(c) for c in budget] == ["labeller.concurrency: 1 -> 4", "labeller.kwargs.log: None -> 'x'"], \
+        "labeller settings outside its identity are taken (and recorded)"
+    with pytest.raises(ConfigChanged, match=r"labeller\.kwargs\.log"):
+        check_changes("c", old, None, _cfg(kwargs={"log": "x"}), ident, True)  # stored without an identity
 
 
 def test_non_physics_kwargs_are_a_property_of_the_labeller():

@@ -161,11 +161,14 @@ def test_retry_changes_stale_lease_and_tampered_model(tmp_path):
     assert store.failed_ids(cid, role="test") == failed_tests, "failed test labels stay failed"
     assert not store.failed_ids(cid, role="seed")
 
-    # "fix the labeller": the fault rules are not physics, so the change needs accepting only
-    _edit(path, labeller={**faulty, "kwargs": {"inner": "emt", "rules": []}})
+    # "fix the labeller" (the fault rules are not physics: same identity, taken as it comes) and
+    # change an MLIP setting, which needs accepting
+    raw = yaml.safe_load(path.read_text())
+    _edit(path, labeller={**faulty, "kwargs": {"inner": "emt", "rules": []}},
+          mlip={**raw["mlip"], "max_epochs": raw["mlip"]["max_epochs"] + 1})
     refused = _alforge("run", str(path), timeout=300)
-    assert refused.returncode != 0 and "labeller.kwargs.rules" in refused.stderr
-    assert "--accept-changes" in refused.stderr
+    assert refused.returncode != 0 and "mlip.max_epochs: 6 -> 7" in refused.stderr
+    assert "--accept-changes" in refused.stderr and "labeller" not in refused.stderr.splitlines()[-1]
 
     # a stale lease of a run that died (dead pid on this host) holding one retried label running
     dead = subprocess.Popen(["true"])
@@ -189,7 +192,7 @@ def test_retry_changes_stale_lease_and_tampered_model(tmp_path):
         assert n == attempts_before[lid] + (lid in seed_labels), f"label {lid}: {attempts_before[lid]} -> {n}"
     versions = store.config_versions(cid)
     assert len(versions) == 2 and json.loads(versions[0].config_json)["labeller"]["kwargs"]["rules"]
-    assert [c["field"] for c in json.loads(versions[1].changes_json)] == ["labeller.kwargs.rules"]
+    assert [c["field"] for c in json.loads(versions[1].changes_json)] == ["labeller.kwargs.rules", "mlip.max_epochs"]
     _check_models(store, cid, cfg.workdir)
 
     # a model file changed behind the store's back is refused, naming file and both hashes
