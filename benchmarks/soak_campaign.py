@@ -45,6 +45,19 @@ the code of issue 8 as committed at 8032580 plus helpers' work in progress):
     56 computations for 51 done labels + 5 NaN-fault failures; 19 labels failed; 10 models
     kills while an external code ran: 0, so this short run did not exercise the orphan path
 
+The same on PostgreSQL (Debian's 15, a throwaway server started with tests/conftest.py's helpers),
+3 campaigns: 6 SIGKILLs, 3 restarts, 0 crashes, 3 of 3 finished after a 2.1-minute drain; 33
+computations for 31 done labels + 2 NaN failures, 11 failed; every goal-0 count 0:
+
+    .venv/bin/python benchmarks/soak_campaign.py --minutes 2 --campaigns 3 --store postgresql+psycopg://...
+
+And one to hit the orphan path (hangs of 30 s on 1 structure in 6, 4 faults in 6, kills every
+15-30 s; load avg 3.13 / 4.03 / 4.95): 7 SIGKILLs, 2 of them while a hang fault's code ran, 0
+orphans (the supervisor of alforge/lifetime.py took the codes down), every goal-0 count 0:
+
+    .venv/bin/python benchmarks/soak_campaign.py --minutes 2 --campaigns 3 --fault-modulo 6 \
+        --hang-timeout 30 --kill-min 15 --kill-max 30
+
 The first 2-minute run (same settings, before ``storage/schema.upgrade`` took a lock around the
 migration) had one crash: of five ``alforge run`` creating a new SQLite store at once, one died with
 ``table campaigns already exists`` (restarted, it finished; every other count as above).
@@ -75,12 +88,12 @@ from ase.calculators.emt import EMT
 
 HERE = Path(__file__).resolve().parent
 TOKEN_VAR = "ALFORGE_SOAK_TOKEN"
-FAULT_RULES = [  # 4 of every 12 structures fail in some way (the digest picks them, stably)
-    {"mode": "crash", "modulo": 12, "remainder": 0},
-    {"mode": "hang", "modulo": 12, "remainder": 1},
-    {"mode": "scf", "modulo": 12, "remainder": 2},
-    {"mode": "nan", "modulo": 12, "remainder": 3},
-]
+FAULTS = ("crash", "hang", "scf", "nan")
+
+
+def fault_rules(modulo: int) -> list[dict[str, Any]]:
+    """4 of every ``modulo`` structures fail, one way each (the structure digest picks them, stably)."""
+    return [{"mode": mode, "modulo": modulo, "remainder": k} for k, mode in enumerate(FAULTS)]
 
 
 # ------------------------------------------------------------------------ the labeller's side channel
@@ -112,7 +125,7 @@ def logging_emt(delay: float = 0.3, log: str = "calls.log") -> LoggingEMT:
 
 # ------------------------------------------------------------------------ campaigns
 def write_campaign(folder: Path, name: str, store: str, seed: int, iterations: int, delay: float,
-                   hang_timeout: float) -> Path:
+                   hang_timeout: float, fault_modulo: int) -> Path:
     """A tiny Cu campaign (the CI size of tests/conftest.py) labelled by faulty(logging_emt)."""
     import yaml
 
@@ -133,7 +146,7 @@ def write_campaign(folder: Path, name: str, store: str, seed: int, iterations: i
             "name": "faulty",
             "kwargs": {"inner": "soak_campaign:logging_emt",
                        "inner_kwargs": {"delay": delay, "log": str(folder / "calls.log")},
-                       "rules": FAULT_RULES, "timeout": hang_timeout, "hang_seconds": 600,
+                       "rules": fault_rules(fault_modulo), "timeout": hang_timeout, "hang_seconds": 600,
                        "scf_iterations": 50, "scf_iterations_needed": 100},
             "quarantine_after": 2,
             "concurrency": 2,
@@ -190,7 +203,7 @@ class Soak:
         name = f"soak-s{slot}-g{generation}"
         path = write_campaign(self.workdir / name, name, self.store, seed=1000 * slot + 10 * generation,
                               iterations=self.args.iterations, delay=self.args.delay,
-                              hang_timeout=self.args.hang_timeout)
+                              hang_timeout=self.args.hang_timeout, fault_modulo=self.args.fault_modulo)
         run = Run(slot, generation, name, path)
         self.runs.append(run)
         self.start(run)
@@ -215,7 +228,7 @@ class Soak:
         assert run.proc is not None
         table = process_table()
         self.kills_during_code += any(
-            self.ours(p) and p.cmd.split()[:1] == ["sleep"] and run.proc.pid in ancestors(table, pid)
+            self.ours(p) and Path(p.cmd.split(" ")[0]).name == "sleep" and run.proc.pid in ancestors(table, pid)
             for pid, p in table.items())
         try:
             os.killpg(run.proc.pid, signal.SIGKILL)
@@ -539,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--kill-max", type=float, default=60, help="longest gap between two SIGKILLs (s)")
     p.add_argument("--iterations", type=int, default=2, help="max_iterations of each campaign")
     p.add_argument("--delay", type=float, default=0.3, help="seconds each EMT label takes")
+    p.add_argument("--fault-modulo", type=int, default=12, help="4 of every N structures get a fault")
     p.add_argument("--hang-timeout", type=float, default=8,
                    help="time limit of the hang fault (s): the window in which a kill can orphan a code")
     p.add_argument("--drain-minutes", type=float, default=30, help="limit for resuming the killed campaigns")
@@ -546,6 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ephemeral-prefect", action="store_true", help="each run starts its own Prefect API")
     p.add_argument("--seed", type=int, default=0, help="seeds the kill schedule")
     args = p.parse_args(argv)
+    if args.fault_modulo <= len(FAULTS):
+        p.error(f"--fault-modulo must exceed {len(FAULTS)}: some structures must label cleanly")
 
     from sqlalchemy.engine import make_url
 
