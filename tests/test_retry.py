@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import func, select, update
+from sqlalchemy import create_engine, func, select, text, update
+from sqlalchemy.exc import DBAPIError
 
 from alforge.config import load_config
 from alforge.ownership import HOST
@@ -46,14 +46,18 @@ def _start(*args: str, log: Path) -> subprocess.Popen:
         return subprocess.Popen([*CLI, *args], env=ENV, stdout=out, stderr=subprocess.STDOUT)
 
 
-def _lease_pid(db: Path) -> int | None:
-    """The pid holding a lease in the SQLite store, read without opening (or migrating) it."""
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
-            row = conn.execute("SELECT pid FROM campaign_leases").fetchone()
-    except sqlite3.OperationalError:  # no store or no schema yet
+def _lease_pid(url: str) -> int | None:
+    """The pid holding a lease in the store, read without creating (or migrating) it."""
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return None
-    return row[0] if row else None
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT pid FROM campaign_leases")).scalar()
+    except DBAPIError:  # no schema yet
+        return None
+    finally:
+        engine.dispose()
 
 
 def _attempts_per_label(store: Store) -> Counter:
@@ -78,20 +82,22 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def test_two_runs_on_one_campaign_compute_each_label_once(tmp_path):
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_two_runs_on_one_campaign_compute_each_label_once(tmp_path, request, database):
     calls = tmp_path / "calls.log"
+    store = {} if database == "sqlite" else {"store": request.getfixturevalue("postgres_db_url")}
     path = tiny_campaign(
         tmp_path,
         labeller={"name": "slow_emt:make", "kwargs": {"delay": 0.3, "log": str(calls)}},
         stopping={"max_iterations": 2},
+        **store,
     )
     cfg = load_config(path)
-    db = Path(str(cfg.store).removeprefix("sqlite:///"))
     first = _start("run", str(path), log=tmp_path / "first.log")
     waiter = None
     try:
         deadline = time.monotonic() + 600
-        while _lease_pid(db) != first.pid:
+        while _lease_pid(str(cfg.store)) != first.pid:
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the first run never took the lease"
             time.sleep(0.5)
