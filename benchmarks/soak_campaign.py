@@ -22,7 +22,9 @@ with the store afterwards:
   forces, seed/test structures without a label, and computations whose result the store never kept.
 * orphan processes: processes carrying this soak's token in their environment whose ancestors
   include no live campaign process, seen in two samples 5 s apart (goal 0). They are listed and then
-  killed by PID.
+  killed by PID. "kills while an external code ran" says how often a kill could have left one (a
+  hang fault's ``sleep`` under the killed run; ``--hang-timeout`` and ``--fault-modulo`` widen that).
+* campaign crashes: exits other than by a kill (goal 0), each with its one-line error.
 * store integrity: dangling foreign keys, duplicate label rows, more than one done label per
   structure, more than one model per iteration, duplicate attempt numbers, missing model files and,
   if the ``models`` table has a ``sha256`` column, files whose hash differs from their row.
