@@ -66,11 +66,14 @@ def check_changes(
     :class:`ConfigChanged` saying what changed otherwise (see the module docstring).
 
     ``old_identity`` None (a config stored before identities were) compares the labeller's name
-    and kwargs instead.
+    and kwargs instead. A section the stored config lacks (``alforge import`` creates a campaign
+    with neither labeller nor MLIP settings) is new, not changed.
     """
     changes = diff(old_config, new_config)
     labeller = [c for c in changes if c.field.split(".")[0] == "labeller"]
-    if old_identity is None:
+    if "labeller" not in old_config:
+        identity_changed = False
+    elif old_identity is None:
         identity_changed = any(c.field == "labeller.name" or c.field.startswith("labeller.kwargs") for c in labeller)
     else:
         identity_changed = tuple(old_identity) != tuple(new_identity)
@@ -82,7 +85,7 @@ def check_changes(
             + ". Its labels would mix with the stored ones: a new labeller means a new campaign (give it "
             "another name), or relabelling the stored structures (a future `alforge relabel`)"
         )
-    guarded = [c for c in changes if c.field.split(".")[0] in GUARDED]
+    guarded = [c for c in changes if c.field.split(".")[0] in GUARDED and c.field.split(".")[0] in old_config]
     if guarded and not accept:
         raise ConfigChanged(
             f"campaign {name!r}: settings differ from the stored ones: "

@@ -269,6 +269,8 @@ def test_config_changes_are_classified():
         "labeller settings outside its identity are taken (and recorded)"
     with pytest.raises(ConfigChanged, match=r"labeller\.kwargs\.log"):
         check_changes("c", old, None, _cfg(kwargs={"log": "x"}), ident, True)  # stored without an identity
+    imported = {"name": "c", "created_by": "alforge import"}  # `alforge import` made the campaign
+    assert check_changes("c", imported, None, old, ident, False), "its first run adds labeller and mlip"
 
 
 def test_non_physics_kwargs_are_a_property_of_the_labeller():
