@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,18 +78,6 @@ def _check_device(device: str) -> str:
     return device
 
 
-def _e3nn_o3() -> Any:
-    """``e3nn.o3``, imported only when irreps are checked (it imports torch). Its import unpickles a
-    constants file that holds ``slice`` objects, which torch's ``weights_only`` loading refuses unless
-    ``slice`` is allow-listed; nothing else is."""
-    if "e3nn.o3" not in sys.modules:
-        import torch
-
-        with torch.serialization.safe_globals([slice]):
-            import e3nn.o3  # noqa: F401
-    return sys.modules["e3nn.o3"]
-
-
 class MLIPConfig(MACEParams):
     """The MACE hyperparameters of :class:`MACEParams`, checked as a campaign file needs them:
     finite numbers, irreps e3nn can parse, a device this machine has."""
@@ -100,8 +87,10 @@ class MLIPConfig(MACEParams):
     @field_validator("mlp_irreps")
     @classmethod
     def _irreps(cls, v: str) -> str:
+        from alforge.mlip.e3nn_import import e3nn_o3  # imports torch: only when irreps are checked
+
         try:
-            irreps = _e3nn_o3().Irreps(v)
+            irreps = e3nn_o3().Irreps(v)
         except (ValueError, AssertionError) as exc:
             raise ValueError(f"not an e3nn irreps string ({exc}); expected e.g. '16x0e'") from None
         # MACE's readout MLP applies one gate to one block of even scalars (mace.modules.blocks).

@@ -12,13 +12,10 @@ import.
 from __future__ import annotations
 
 import os
-import sys
 
-import torch
+from alforge.mlip.e3nn_import import e3nn_o3
 
-if "e3nn.o3" not in sys.modules:
-    with torch.serialization.safe_globals([slice]):
-        import e3nn.o3  # noqa: F401
+e3nn_o3()
 import mace.calculators  # noqa: E402, F401
 import mace.modules  # noqa: E402, F401
 

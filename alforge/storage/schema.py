@@ -6,6 +6,8 @@ enforced foreign keys and a busy timeout (concurrent label tasks wait instead of
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 from alembic import command
@@ -22,13 +24,33 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            _set_wal(cur)
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=60000")
             cur.close()
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _set_wal(cur: sqlite3.Cursor, patience_s: float = 60.0) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while the database is locked.
+
+    Switching a new database to WAL needs an exclusive lock, and SQLite answers "database is locked"
+    at once, without calling the busy handler, while another connection holds a lock (several runs
+    opening a new store together, one of them migrating it).
+    """
+    deadline = time.monotonic() + patience_s
+    pause = 0.01
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
 
 def alembic_config() -> Config:
