@@ -1,9 +1,11 @@
 """Model files are trusted only through the store.
 
-A model file is a pickle: loading one can run code. The store records each file's SHA-256 when the
-model is stored, and nothing is loaded from a path the store names before the file's hash is
-checked against that record, so a file planted or replaced under ``runs/`` (often a shared file
-system) is refused instead of executed.
+Model files hold only weights and settings, read with ``torch.load(weights_only=True)``
+(alforge/mlip/mace_model.py), so a planted pickle is refused rather than run. The hash is the
+second guard, against a file that is a valid model but not the one trained: the store records each
+file's SHA-256 when the model is stored, and nothing is loaded from a path the store names before
+the file's hash is checked against that record, so a file replaced under ``runs/`` (often a shared
+file system) is refused.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def train_model(
 ) -> int:
     """Model id of this iteration, training it unless the store already has it.
 
-    Continues from the previous iteration's weights (mace's format, loadable by ``MACECalculator``),
+    Continues from the previous iteration's weights (alforge's weights-only model file),
     once their file's hash matches the store. The new model goes to a unique path and its row
     carries the file's SHA-256; if another run stored this iteration's model first, that one wins
     and this run's file is removed.
