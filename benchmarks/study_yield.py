@@ -35,14 +35,22 @@ Protocol
   over seeds of the test force and energy RMSE against labels), and ``summary.md``: RMSE at fixed
   budgets and, per arm, the labels needed to reach random's final force RMSE.
 
-Findings so far (``results/yield/summary.md``; 242 rounds, 2.15 h of summed round wall time on 2
-shared cores, load 2–3; ethanol all 13 arms but the ``@energy`` target-aware ones, 3 seeds for
-random/fps/committee/dopt/mig/mig_label, 1–2 for mmig/qopt/pr_augment; 3bpa random/mig_label/mig@energy
-with a 200-frame pool and 5 rounds; si random seed 0 only): **no selector is better than random
-beyond the seed spread.** Ethanol at 32 labels: random 90.8 ± 0.9 meV/Å, committee and dopt
-88.1 ± 3.8, mig@energy 88.0 ± 5.7, mig_label@loss 89.5 ± 5.9, mig@loss 92.3 ± 3.9; labels to reach
-random's final force error: 30.4 (committee) to 31.9 (fps) against 32. 3bpa at 28 labels: random
-199.4 ± 9.7, mig_label@loss 194.3 ± 6.5 (27.0 labels to random's final), mig@energy 195.9 ± 3.0.
+Findings so far (``results/yield/summary.md``; 312 rounds, 5.63 h of summed round wall time on 2
+shared cores, load 2–7): **no selector is better than random beyond the seed spread.**
+
+* ethanol, 3 seeds of random/fps/committee/dopt/mig@loss/mig@energy/mig_label@loss (2 of mmig and
+  qopt, 1 of pr_augment; the ``@energy`` target-aware arms not run), at 32 labels: random
+  90.8 ± 0.9 meV/Å, committee and dopt 88.1 ± 3.8, mig@energy 88.0 ± 5.7, mig_label@loss
+  89.5 ± 5.9, mig@loss 92.3 ± 3.9; labels to random's final force error 30.4 (committee) to 31.9
+  (fps) against 32.
+* 3bpa (200-frame pool, 5 rounds), 3 seeds of random/fps/dopt/mig@energy/mig_label@loss/mmig@loss,
+  at 28 labels: random 199.4 ± 9.7, dopt 194.0 ± 3.5 (26.9 labels to random's final),
+  mig_label@loss 194.3 ± 6.5 (27.0), fps 194.9 ± 1.4, mig@energy 195.9 ± 3.0; mmig@loss toward the
+  hotter frames 207.1 ± 2.6, worse than random from 20 labels on.
+* si (100-frame bulk pool, surface test, 4 rounds), seed 0 only of random/fps/mig_label@loss/
+  mmig@loss: no arm moves the surface force error off its 240–255 meV/Å plateau; a bulk pool
+  does not teach a small MACE surfaces in 24 labels.
+
 ``--diagnose`` (``results/yield/diagnose.json``) says why: the single-pick scores rank the pool by
 the round-0 model's actual force error only weakly (Spearman ρ: mig_label 0.33–0.44, mig 0.04–0.41,
 FPS 0.01–0.24), and the top decile of a score holds 1.02–1.44× the pool's mean error — a few per
@@ -57,8 +65,11 @@ Run (the full study takes hours on 2 cores; run it in the background, it resumes
 
     # what ran for the figures above (each resumable; arms may also be run one process each):
     ... --datasets ethanol                                           # all arms
-    ... --datasets 3bpa --arms random,mig_label@loss,mig@energy --rounds 5 --pool 200
-    ... --datasets si --arms random,mig_label@loss,mig@energy --rounds 4 --pool 100 --finetune-epochs 15
+    ... --datasets 3bpa --arms random,fps,dopt,mig_label@loss,mig@energy,mmig@loss --rounds 5 --pool 200
+    ... --datasets si --arms random,fps,mig_label@loss,mmig@loss --rounds 4 --pool 100 --finetune-epochs 15
+
+Model files from before the weights-only format (issue 8) in ``--workdir`` no longer load: delete
+that folder and the study retrains them from the picks in ``rounds.jsonl``.
 """
 
 from __future__ import annotations
