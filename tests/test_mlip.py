@@ -26,6 +26,8 @@ from alforge.mlip.params import MACEParams
 from cu_cells import cu_cells, cu_cluster
 
 TINY = dict(num_channels=8, max_L=0, max_ell=2, mlp_irreps="8x0e", batch_size=4, device="cpu")
+#: ``on_epoch`` calls of the ``trained`` fixture's training
+EPOCH_CALLS: list[tuple] = []
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def tmp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained(data: list[Atoms], tmp_dir: Path) -> TrainResult:
     params = MACEParams(**TINY, max_epochs=6, finetune_epochs=1)
     dtype_before = torch.get_default_dtype()
-    result = train_mace(data, params, tmp_dir / "model.pt")
+    result = train_mace(data, params, tmp_dir / "model.pt", on_epoch=lambda *call: EPOCH_CALLS.append(call))
     assert torch.get_default_dtype() == dtype_before, "train_mace must restore the default dtype"
     return result
 
@@ -73,6 +75,10 @@ def test_training_result(trained: TrainResult) -> None:
     for key in ("train_energy_rmse_per_atom", "train_forces_rmse", "train_stress_rmse", "valid_forces_rmse"):
         assert np.isfinite(trained.metrics[key]), key
     assert "valid_loss" in trained.history[0]
+    assert [(epoch, total) for epoch, total, _, _ in EPOCH_CALLS] == [(k, 6) for k in range(1, 7)]
+    for (_, _, train_loss, valid), row in zip(EPOCH_CALLS, trained.history):
+        assert train_loss == row["train_loss"]
+        assert valid["loss"] == row["valid_loss"] and valid["forces_rmse"] == row["valid_forces_rmse"]
 
 
 @pytest.mark.slow

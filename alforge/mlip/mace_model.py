@@ -35,7 +35,7 @@ import os
 import pickle
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +58,7 @@ from alforge.mlip.device import default_dtype, dtype_name, resolve_device, torch
 from alforge.mlip.params import MACEParams
 
 __all__ = [
+    "EpochCallback",
     "TrainResult",
     "evaluate",
     "export_mace_model",
@@ -84,6 +85,8 @@ MODEL_FORMAT = "alforge.mace-state/1"
 #: Weight decay on the readout weights: mace's recipe puts readouts in a parameter group with
 #: weight_decay 0 and our Adam has none at all, so the readouts are trained without a prior.
 READOUT_WEIGHT_DECAY = 0.0
+#: ``on_epoch(epoch, total, train_loss, valid)`` of :func:`train_mace`
+EpochCallback = Callable[[int, int, float, dict[str, float]], None]
 
 
 @dataclass
@@ -521,6 +524,7 @@ def train_mace(
     out_path: Path,
     init_model: Path | None = None,
     valid: list[Atoms] | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
     """Train a ScaleShiftMACE on labelled structures and save the best-validation EMA weights.
 
@@ -529,6 +533,11 @@ def train_mace(
     otherwise a new model is built from ``params`` and trained for ``params.max_epochs``. Without
     ``valid``, ``params.valid_fraction`` of ``train`` (at least one structure when there are ≥ 5) is
     held out with ``params.seed``; with no validation set at all the final EMA weights are saved.
+
+    ``on_epoch(epoch, total, train_loss, valid)`` is called after every epoch (``epoch`` counts
+    from 1 to ``total``; ``valid`` holds ``loss``, ``energy_rmse_per_atom``, ``forces_rmse``, ... of
+    the EMA weights on the validation split, empty without one), so a caller can log and store a
+    training that runs for minutes while it runs.
 
     Deterministic for a given ``params.seed`` on CPU (CUDA scatter-adds are not bitwise
     reproducible). The global torch RNG is forked and the default dtype restored, so the caller's
@@ -591,7 +600,7 @@ def train_mace(
             else modules.WeightedEnergyForcesLoss(params.energy_weight, params.forces_weight)
         ).to(device)
         history, best_epoch = _fit(
-            model, train_data, valid_data, loss_fn, params, epochs, device, compute_stress
+            model, train_data, valid_data, loss_fn, params, epochs, device, compute_stress, on_epoch
         )
 
         metrics = {"best_epoch": float(best_epoch)}
@@ -638,6 +647,7 @@ def _fit(
     epochs: int,
     device: str,
     compute_stress: bool,
+    on_epoch: EpochCallback | None = None,
 ) -> tuple[list[dict[str, float]], int]:
     """The training loop (mace's ``take_step``: AMSGrad Adam, grad clipping, EMA update per step).
 
@@ -677,6 +687,9 @@ def _fit(
             row["valid_loss"] = valid_loss
             row.update({f"valid_{k}": v for k, v in errors.items()})
         history.append(row)
+        if on_epoch is not None:
+            valid = {k.removeprefix("valid_"): v for k, v in row.items() if k.startswith("valid_")}
+            on_epoch(epoch + 1, epochs, row["train_loss"], valid)
     if best_state is None:
         ema.copy_to(model.parameters())
     else:

@@ -6,6 +6,10 @@ import re
 
 _NOT_KEY = re.compile(r"[^a-z0-9]+")
 
+#: ``logger.info(..., extra=DETAIL)``: a record for the Prefect UI and ``alforge run --verbose``, kept
+#: off the default console (one line per training epoch would drown the step summaries).
+DETAIL = {"alforge_detail": True}
+
 
 def slug(name: str) -> str:
     """``name`` as a Prefect artifact key: Prefect accepts only lowercase letters, digits and dashes,

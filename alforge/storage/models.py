@@ -257,3 +257,22 @@ class ConfigVersion(Base):
     calculator: Mapped[str | None] = mapped_column(String(200), nullable=True)
     params_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TrainingEpoch(Base):
+    """One epoch of a model's training (``epoch`` counts from 1): the mean training loss and the
+    validation errors of the EMA weights (None without a validation split), so a slow or diverging
+    training can be read back after the fact (``alforge status --json``)."""
+
+    __tablename__ = "training_epochs"
+    __table_args__ = (UniqueConstraint("model_id", "epoch"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    epochs: Mapped[int] = mapped_column(Integer)
+    train_loss: Mapped[float] = mapped_column(Float)
+    valid_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    valid_energy_rmse_per_atom: Mapped[float | None] = mapped_column(Float, nullable=True)
+    valid_forces_rmse: Mapped[float | None] = mapped_column(Float, nullable=True)
+    seconds: Mapped[float] = mapped_column(Float)

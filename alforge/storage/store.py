@@ -304,6 +304,13 @@ class Store:
             raise KeyError(f"no campaign named {name!r} in {self.url}")
         return cid
 
+    def campaign_name(self, campaign_id: int) -> str:
+        with self.session() as s:
+            name = s.scalar(select(models.Campaign.name).where(models.Campaign.id == campaign_id))
+        if name is None:
+            raise KeyError(f"no campaign with id {campaign_id} in {self.url}")
+        return name
+
     def campaigns(self) -> list[models.Campaign]:
         with self.session() as s:
             return list(s.scalars(select(models.Campaign).order_by(models.Campaign.id)))
@@ -893,6 +900,29 @@ class Store:
                 .order_by(models.CommitteeMember.member)
             )
             return {m: p for m, p in rows}
+
+    #: columns of a ``training_epochs`` row as :meth:`training_epochs` returns them
+    EPOCH_FIELDS = (
+        "epoch", "epochs", "train_loss", "valid_loss", "valid_energy_rmse_per_atom", "valid_forces_rmse", "seconds",
+    )
+
+    def add_training_epochs(self, model_id: int, epochs: Sequence[dict[str, Any]]) -> None:
+        """Store a model's training history (dicts with :attr:`EPOCH_FIELDS`; ``valid_*`` may be
+        missing). An epoch already stored for the model is kept: a rerun never duplicates one."""
+        with self.session() as s, s.begin():
+            for row in epochs:
+                values = {k: row.get(k) for k in self.EPOCH_FIELDS} | {"model_id": model_id}
+                self._insert_ignoring_conflict(s, models.TrainingEpoch, values)
+
+    def training_epochs(self, model_id: int) -> list[dict[str, Any]]:
+        """The model's training epochs in order, as dicts of :attr:`EPOCH_FIELDS`."""
+        with self.session() as s:
+            rows = s.scalars(
+                select(models.TrainingEpoch)
+                .where(models.TrainingEpoch.model_id == model_id)
+                .order_by(models.TrainingEpoch.epoch)
+            )
+            return [{k: getattr(r, k) for k in self.EPOCH_FIELDS} for r in rows]
 
     def learning_curve(self, campaign_id: int) -> list[dict[str, Any]]:
         """One row per iteration with a model: the labels it was trained on and its test errors.

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from alforge.mlip.params import MACEParams
+from alforge.monitoring import DETAIL, slug
+from alforge.monitoring.progress import Progress
 from alforge.storage.model_files import file_sha256
 from alforge.tasks.common import open_store
 
@@ -38,6 +42,39 @@ def _discard(path: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+class EpochLog:
+    """``on_epoch`` of :func:`~alforge.mlip.mace_model.train_mace` for a task: one run-log line per
+    epoch (marked :data:`~alforge.monitoring.DETAIL`: the UI shows it, the default console does not),
+    the ``<slug>-training`` progress bar, and the rows for the store's ``training_epochs``."""
+
+    def __init__(self, progress: Progress, what: str) -> None:
+        from prefect import get_run_logger
+
+        self.progress = progress
+        self.what = what
+        self.rows: list[dict[str, Any]] = []
+        self._logger = get_run_logger()
+        self._last = time.monotonic()
+
+    def __call__(self, epoch: int, total: int, train_loss: float, valid: dict[str, float]) -> None:
+        now = time.monotonic()
+        row = {
+            "epoch": epoch, "epochs": total, "train_loss": train_loss, "valid_loss": valid.get("loss"),
+            "valid_energy_rmse_per_atom": valid.get("energy_rmse_per_atom"),
+            "valid_forces_rmse": valid.get("forces_rmse"), "seconds": now - self._last,
+        }
+        self._last = now
+        self.rows.append(row)
+        text = f"{self.what}: epoch {epoch}/{total}  train loss {train_loss:.4g}"
+        if row["valid_forces_rmse"] is not None:
+            text += f"  valid F-RMSE {1000 * row['valid_forces_rmse']:.1f} meV/Å"
+        if row["valid_energy_rmse_per_atom"] is not None:
+            text += f"  E-RMSE {1000 * row['valid_energy_rmse_per_atom']:.1f} meV/atom"
+        self._logger.info(text + f"  ({row['seconds']:.1f} s)", extra=DETAIL)
+        self.progress.total = total  # a finetune runs fewer epochs than a training from scratch
+        self.progress.advance(1)
+
+
 @task(name="train", tags=["train"], cache_policy=NO_CACHE)
 def train_model(
     store_url: str, campaign_id: int, iteration_id: int, params: MACEParams, workdir: str
@@ -65,14 +102,20 @@ def train_model(
     atoms = store.get_labelled_atoms(ids)
     out = _unique_model_path(workdir, f"iteration-{index:03d}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = train_mace(atoms, params, out, init_model=init)
+    epochs = params.finetune_epochs if init is not None else params.max_epochs
+    key = f"{slug(store.campaign_name(campaign_id))}-training"
+    with Progress(key=key, description=f"training iteration {index}", total=epochs) as progress:
+        log = EpochLog(progress, f"iteration {index}")
+        result = train_mace(atoms, params, out, init_model=init, on_epoch=log)
     metrics = {**result.metrics, "epochs": result.epochs, "finetuned": result.finetuned, "n_train": len(ids)}
     model_id = store.add_model(
         campaign_id, iteration_id, str(out), ids, metrics,
         parent_model_id=previous[-1].id if previous else None, sha256=file_sha256(out),
     )
     if store.model(model_id).path != str(out):
-        _discard(out)
+        _discard(out)  # the winner stored its own epochs
+    else:
+        store.add_training_epochs(model_id, log.rows)
     return model_id
 
 
