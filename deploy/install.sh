@@ -5,7 +5,8 @@
 #   deploy/install.sh --dft    also the real electronic-structure codes from Debian
 #                              (Quantum ESPRESSO, CP2K, xtb) and PySCF, used by the labelling tests,
 #                              and Debian's PostgreSQL server, which the store tests start on loopback
-#                              (tests/conftest.py: postgres_url); CI runs this
+#                              (tests/conftest.py: postgres_url), with the alforge[postgres] extra
+#                              (psycopg) they need; CI runs this
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,13 +31,15 @@ PY=${PYTHON:-python3}
 pip=(.venv/bin/pip install -q --disable-pip-version-check)
 .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
 extras="test"
-(( want_dft )) && extras="test,dft"
+(( want_dft )) && extras="test,dft,postgres"
 need=0
-.venv/bin/python -c "import alforge, prefect, mace, psycopg" 2>/dev/null || need=1
+.venv/bin/python -c "import alforge, prefect, mace" 2>/dev/null || need=1
 [[ -f .venv/.alforge-installed && ! pyproject.toml -nt .venv/.alforge-installed ]] || need=1
-if (( want_dft )); then .venv/bin/python -c "import pyscf" 2>/dev/null || need=1; fi
+if (( want_dft )); then .venv/bin/python -c "import pyscf, psycopg" 2>/dev/null || need=1; fi
 if (( need )); then
   "${pip[@]}" -e ".[${extras}]"
   touch .venv/.alforge-installed
 fi
+.venv/bin/python -c "import psycopg" 2>/dev/null ||
+  echo "PostgreSQL stores need psycopg: .venv/bin/pip install -e '.[postgres]' (SQLite, the default, does not)"
 echo "alforge environment ready: $(.venv/bin/python -c 'import alforge, torch, prefect; print("alforge", alforge.__version__, "| torch", torch.__version__, "| prefect", prefect.__version__)')"

@@ -206,7 +206,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        _unavailable("the psycopg driver is not installed (pip install -e '.[test]')")
+        _unavailable("the psycopg driver is not installed (pip install -e '.[test,postgres]')")
     bindir = _postgres_bin()
     if bindir is None:
         _unavailable("no PostgreSQL server binaries (install Debian's postgresql: deploy/install.sh --dft)")

@@ -2,6 +2,18 @@
 
 SQLite gets WAL (readers never block the one writer, so `alforge status` works during a run),
 enforced foreign keys and a busy timeout (concurrent label tasks wait instead of failing).
+
+Connection pools are sized for a long campaign: a labelling thread pool, a lease heartbeat thread
+and the flow's own thread each hold a connection only within one store method, so a process needs
+at most one connection per thread. The pool keeps :data:`POOL_SIZE` connections open and opens
+more on demand without a limit (``max_overflow=-1``): a labeller concurrency of any size never
+waits for a connection (a bounded pool would fail a label after ``pool_timeout``), and the number
+in use stays bounded by the process's threads. PostgreSQL connections are checked before use
+(``pool_pre_ping``: a server restart or a firewall's cut costs a reconnect, not a failed label) and
+replaced after :data:`POOL_RECYCLE_S`; transactions run at READ COMMITTED, the level the store's
+compare-and-swap UPDATEs are written for (PostgreSQL re-checks their WHERE against the newest row
+version), whatever the server's default. Aborted transactions are re-run by
+:mod:`alforge.storage.transactions`.
 """
 
 from __future__ import annotations
@@ -13,13 +25,24 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+#: Connections a process's pool keeps open; more are opened when more threads need one at once.
+POOL_SIZE = 8
+#: PostgreSQL connections older than this are replaced (server-side idle limits, load balancers).
+POOL_RECYCLE_S = 1800
+#: Seconds to wait for a PostgreSQL server to answer a new connection (libpq's default is forever).
+CONNECT_TIMEOUT_S = 30
 
 
-def make_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 60})
+def make_engine(url: str | URL) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        pool: dict = {}
+        if (parsed.database or ":memory:") != ":memory:":  # a file: QueuePool (memory: one per thread)
+            pool = {"pool_size": POOL_SIZE, "max_overflow": -1}
+        engine = create_engine(url, connect_args={"timeout": 60}, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -30,7 +53,12 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    pooled: dict = {"pool_pre_ping": True, "pool_size": POOL_SIZE, "max_overflow": -1, "pool_recycle": POOL_RECYCLE_S}
+    if parsed.get_backend_name() == "postgresql":
+        pooled["isolation_level"] = "READ COMMITTED"
+        if "connect_timeout" not in parsed.query:  # the URL's own setting wins
+            pooled["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    return create_engine(url, **pooled)
 
 
 def _set_wal(cur: sqlite3.Cursor, patience_s: float = 60.0) -> None:

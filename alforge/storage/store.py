@@ -24,6 +24,7 @@ from alforge.storage import arrays, models
 from alforge.storage.atoms_codec import atoms_to_columns, canonical_hash, columns_to_atoms
 from alforge.storage.model_files import verified_model_file
 from alforge.storage.schema import upgrade
+from alforge.storage.transactions import unit_of_work
 from alforge.storage.urls import open_engine
 
 _STRUCTURE_COLUMNS = (
@@ -144,6 +145,7 @@ class Store:
             return False
 
     # ---------------------------------------------------------------- campaigns, iterations
+    @unit_of_work
     def get_or_create_campaign(
         self, name: str, config: dict[str, Any], identity: tuple[str, str] | None = None
     ) -> int:
@@ -165,6 +167,7 @@ class Store:
                 ))
             return cid
 
+    @unit_of_work
     def config_versions(self, campaign_id: int) -> list[models.ConfigVersion]:
         """The campaign's config history, oldest first."""
         with self.session() as s:
@@ -176,6 +179,7 @@ class Store:
                 )
             )
 
+    @unit_of_work
     def record_config(
         self,
         campaign_id: int,
@@ -202,6 +206,7 @@ class Store:
             return version
 
     # ---------------------------------------------------------------- leases
+    @unit_of_work
     def acquire_lease(
         self,
         campaign_id: int,
@@ -239,6 +244,7 @@ class Store:
                     )
             return _lease_info(s.scalar(select(table).where(table.campaign_id == campaign_id)))
 
+    @unit_of_work
     def renew_lease(self, campaign_id: int, owner: str, ttl: float = LEASE_SECONDS) -> bool:
         """Heartbeat: extend ``owner``'s lease and the claims of its running labels; False if the
         lease is no longer ``owner``'s (it expired and another run took it over)."""
@@ -260,6 +266,7 @@ class Store:
             )
             return True
 
+    @unit_of_work
     def release_lease(
         self, campaign_id: int, owner: str, status: str | None = None, message: str | None = None
     ) -> bool:
@@ -282,6 +289,7 @@ class Store:
                 )
             return held
 
+    @unit_of_work
     def lease(self, campaign_id: int) -> LeaseInfo | None:
         """The campaign's lease row (possibly expired), or None."""
         with self.session() as s:
@@ -297,6 +305,7 @@ class Store:
             models.Label.structure_id.in_(in_campaign),
         )
 
+    @unit_of_work
     def campaign_id(self, name: str) -> int:
         with self.session() as s:
             cid = s.scalar(select(models.Campaign.id).where(models.Campaign.name == name))
@@ -304,6 +313,7 @@ class Store:
             raise KeyError(f"no campaign named {name!r} in {self.url}")
         return cid
 
+    @unit_of_work
     def campaign_name(self, campaign_id: int) -> str:
         with self.session() as s:
             name = s.scalar(select(models.Campaign.name).where(models.Campaign.id == campaign_id))
@@ -311,10 +321,12 @@ class Store:
             raise KeyError(f"no campaign with id {campaign_id} in {self.url}")
         return name
 
+    @unit_of_work
     def campaigns(self) -> list[models.Campaign]:
         with self.session() as s:
             return list(s.scalars(select(models.Campaign).order_by(models.Campaign.id)))
 
+    @unit_of_work
     def set_campaign_status(self, campaign_id: int, status: str, message: str | None = None) -> None:
         with self.session() as s, s.begin():
             s.execute(
@@ -323,6 +335,7 @@ class Store:
                 .values(status=status, status_message=message)
             )
 
+    @unit_of_work
     def get_or_create_iteration(self, campaign_id: int, index: int) -> int:
         with self.session() as s, s.begin():
             row = s.scalar(
@@ -336,6 +349,7 @@ class Store:
                 s.flush()
             return row.id
 
+    @unit_of_work
     def iterations(self, campaign_id: int) -> list[models.Iteration]:
         with self.session() as s:
             return list(
@@ -346,10 +360,12 @@ class Store:
                 )
             )
 
+    @unit_of_work
     def iteration(self, iteration_id: int) -> models.Iteration:
         with self.session() as s:
             return s.get_one(models.Iteration, iteration_id)
 
+    @unit_of_work
     def finish_iteration(
         self, iteration_id: int, summary: dict[str, Any], stop_reason: str | None = None
     ) -> None:
@@ -361,6 +377,7 @@ class Store:
             )
 
     # ---------------------------------------------------------------- structures
+    @unit_of_work
     def add_structures(
         self,
         campaign_id: int,
@@ -418,6 +435,7 @@ class Store:
                 )
         return ids
 
+    @unit_of_work
     def get_atoms(self, ids: Sequence[int]) -> list[Atoms]:
         """Structures in the order of ``ids``, with ``info['alforge_id']`` set."""
         by_id: dict[int, Atoms] = {}
@@ -436,6 +454,7 @@ class Store:
             out.append(atoms)
         return out
 
+    @unit_of_work
     def structure_ids(
         self,
         campaign_id: int,
@@ -453,6 +472,7 @@ class Store:
         with self.session() as s:
             return list(s.scalars(q.order_by(models.Structure.id)))
 
+    @unit_of_work
     def count_structures(self, campaign_id: int, role: str | None = None, source: str | None = None) -> int:
         q = select(func.count()).select_from(models.Structure).where(models.Structure.campaign_id == campaign_id)
         if role is not None:
@@ -462,6 +482,7 @@ class Store:
         with self.session() as s:
             return int(s.scalar(q))
 
+    @unit_of_work
     def candidate_pool_ids(self, campaign_id: int, iteration_id: int) -> list[int]:
         """The candidates selection may pick from in an iteration: its own MD frames plus every
         structure of the fixed pool (source ``pool``, no iteration), all without a finished label and
@@ -480,6 +501,7 @@ class Store:
             return list(s.scalars(q.order_by(models.Structure.id)))
 
     # ---------------------------------------------------------------- labels
+    @unit_of_work
     def request_labels(
         self,
         structure_ids: Sequence[int],
@@ -537,6 +559,7 @@ class Store:
                     .values(status="pending")
                 )
 
+    @unit_of_work
     def unfinished_labels(self, campaign_id: int, calculator: str | None = None) -> list[tuple[int, int]]:
         """``(label_id, structure_id)`` of labels not yet done or failed.
 
@@ -553,6 +576,7 @@ class Store:
         with self.session() as s:
             return [(r[0], r[1]) for r in s.execute(q.order_by(models.Label.id))]
 
+    @unit_of_work
     def start_label(self, label_id: int, owner: str | None = None, ttl: float = LEASE_SECONDS) -> bool:
         """Claim a label for ``owner`` and mark it running; False if it finished (never recomputed)
         or another owner's claim on it is alive.
@@ -582,6 +606,7 @@ class Store:
             )
             return res.rowcount == 1
 
+    @unit_of_work
     def finish_label(
         self,
         label_id: int,
@@ -630,6 +655,7 @@ class Store:
                 s.execute(update(models.Structure).where(models.Structure.id == sid).values(quarantined=True))
             return True
 
+    @unit_of_work
     def reset_failed_labels(
         self, campaign_id: int, classes: Sequence[str] | None = None, roles: Sequence[str] | None = None
     ) -> int:
@@ -676,6 +702,7 @@ class Store:
             ],
         )
 
+    @unit_of_work
     def attempts(self, label_id: int) -> list[models.LabelAttempt]:
         with self.session() as s:
             return list(
@@ -690,6 +717,7 @@ class Store:
         """Failure classes of a label's earlier failed attempts, oldest first (they count towards quarantine)."""
         return [a.failure_class for a in self.attempts(label_id) if a.failure_class is not None]
 
+    @unit_of_work
     def failed_ids(self, campaign_id: int, role: str | None = None, include_quarantined: bool = False) -> list[int]:
         """Structures whose label failed (and, by default, that are not quarantined)."""
         q = (
@@ -704,6 +732,7 @@ class Store:
         with self.session() as s:
             return sorted(set(s.scalars(q)))
 
+    @unit_of_work
     def quarantined_ids(self, campaign_id: int) -> list[int]:
         with self.session() as s:
             return list(
@@ -714,6 +743,7 @@ class Store:
                 )
             )
 
+    @unit_of_work
     def labelled_ids(self, campaign_id: int, role: str | None = None) -> list[int]:
         """Structure ids with a finished label (any calculator), sorted."""
         q = (
@@ -726,6 +756,7 @@ class Store:
         with self.session() as s:
             return sorted(set(s.scalars(q)))
 
+    @unit_of_work
     def get_labelled_atoms(self, ids: Sequence[int]) -> list[Atoms]:
         """Structures with their finished labels attached as a ``SinglePointCalculator``."""
         atoms_list = self.get_atoms(ids)
@@ -757,6 +788,7 @@ class Store:
             atoms.info["label_calculator"] = r.calculator
         return atoms_list
 
+    @unit_of_work
     def failure_counts(self, campaign_id: int) -> dict[str, int]:
         """Failed labels by failure class."""
         with self.session() as s:
@@ -768,6 +800,7 @@ class Store:
             )
             return {cls or "unknown": n for cls, n in rows}
 
+    @unit_of_work
     def label_counts(self, campaign_id: int) -> dict[str, int]:
         with self.session() as s:
             rows = s.execute(
@@ -778,6 +811,7 @@ class Store:
             )
             return {status: n for status, n in rows}
 
+    @unit_of_work
     def labels(self, structure_ids: Sequence[int]) -> list[models.Label]:
         with self.session() as s:
             return list(
@@ -785,6 +819,7 @@ class Store:
             )
 
     # ---------------------------------------------------------------- models
+    @unit_of_work
     def add_model(
         self,
         campaign_id: int,
@@ -811,6 +846,7 @@ class Store:
                 )
             )
 
+    @unit_of_work
     def update_model_metrics(self, model_id: int, metrics: dict[str, Any]) -> None:
         with self.session() as s, s.begin():
             row = s.get_one(models.Model, model_id)
@@ -830,6 +866,7 @@ class Store:
         info = self.model(model_id)
         return verified_model_file(info.path, info.sha256, f"model {model_id} (iteration {info.iteration_index})")
 
+    @unit_of_work
     def committee_files(self, model_id: int, skip_missing: bool = False) -> dict[int, Path]:
         """``{member: file}`` of the model's extra committee members, each checked as in
         :meth:`model_file`; with ``skip_missing`` members whose file is gone are left out (a start
@@ -846,6 +883,7 @@ class Store:
                 if not skip_missing or Path(path).exists()
             }
 
+    @unit_of_work
     def model_for_iteration(self, iteration_id: int) -> ModelInfo | None:
         with self.session() as s:
             row = s.execute(
@@ -855,6 +893,7 @@ class Store:
             ).first()
             return None if row is None else self._model_info(row[0], row[1])
 
+    @unit_of_work
     def models(self, campaign_id: int) -> list[ModelInfo]:
         with self.session() as s:
             rows = s.execute(
@@ -865,6 +904,7 @@ class Store:
             )
             return [self._model_info(m, i) for m, i in rows]
 
+    @unit_of_work
     def model(self, model_id: int) -> ModelInfo:
         with self.session() as s:
             m, index = s.execute(
@@ -874,6 +914,7 @@ class Store:
             ).one()
             return self._model_info(m, index)
 
+    @unit_of_work
     def add_committee_member(
         self, model_id: int, member: int, seed: int, path: str, metrics: dict[str, Any], sha256: str | None = None
     ) -> str:
@@ -891,6 +932,7 @@ class Store:
                 )
             )
 
+    @unit_of_work
     def committee_paths(self, model_id: int) -> dict[int, str]:
         """``{member: path}`` of the extra committee models trained beside ``model_id``."""
         with self.session() as s:
@@ -906,6 +948,7 @@ class Store:
         "epoch", "epochs", "train_loss", "valid_loss", "valid_energy_rmse_per_atom", "valid_forces_rmse", "seconds",
     )
 
+    @unit_of_work
     def add_training_epochs(self, model_id: int, epochs: Sequence[dict[str, Any]]) -> None:
         """Store a model's training history (dicts with :attr:`EPOCH_FIELDS`; ``valid_*`` may be
         missing). An epoch already stored for the model is kept: a rerun never duplicates one."""
@@ -914,6 +957,7 @@ class Store:
                 values = {k: row.get(k) for k in self.EPOCH_FIELDS} | {"model_id": model_id}
                 self._insert_ignoring_conflict(s, models.TrainingEpoch, values)
 
+    @unit_of_work
     def training_epochs(self, model_id: int) -> list[dict[str, Any]]:
         """The model's training epochs in order, as dicts of :attr:`EPOCH_FIELDS`."""
         with self.session() as s:
@@ -956,6 +1000,7 @@ class Store:
         return out
 
     # ---------------------------------------------------------------- features
+    @unit_of_work
     def put_features(
         self, model_id: int, kinds: dict[str, tuple[dict[int, np.ndarray], str]]
     ) -> None:
@@ -982,6 +1027,7 @@ class Store:
                 )
             s.execute(insert(models.Feature), rows)
 
+    @unit_of_work
     def missing_features(self, model_id: int, kind: str, structure_ids: Sequence[int]) -> list[int]:
         with self.session() as s:
             have = set(
@@ -993,6 +1039,7 @@ class Store:
             )
         return [i for i in structure_ids if i not in have]
 
+    @unit_of_work
     def get_features(self, model_id: int, kind: str, structure_ids: Sequence[int]) -> list[np.ndarray]:
         """One array per structure, in the order of ``structure_ids``."""
         found: dict[int, np.ndarray] = {}
@@ -1015,6 +1062,7 @@ class Store:
             raise KeyError(f"no {kind!r} features of model {model_id} for structures {missing[:10]}")
         return [found[i] for i in structure_ids]
 
+    @unit_of_work
     def feature_count(self, campaign_id: int) -> int:
         with self.session() as s:
             return s.scalar(
@@ -1025,6 +1073,7 @@ class Store:
             )
 
     # ---------------------------------------------------------------- model Hessians
+    @unit_of_work
     def put_hessian(
         self,
         model_id: int,
@@ -1058,6 +1107,7 @@ class Store:
                 )
             )
 
+    @unit_of_work
     def get_hessian(self, model_id: int, form: str) -> dict[str, Any] | None:
         """``{matrix, regularizer, regularizer_method, weights, n_structures, created_at}`` or ``None``."""
         with self.session() as s:
@@ -1078,6 +1128,7 @@ class Store:
             }
 
     # ---------------------------------------------------------------- selections
+    @unit_of_work
     def add_selection(
         self,
         iteration_id: int,
@@ -1104,6 +1155,7 @@ class Store:
             s.flush()
             return row.id
 
+    @unit_of_work
     def selection_for_iteration(self, iteration_id: int) -> dict[str, Any] | None:
         with self.session() as s:
             row = s.scalar(select(models.Selection).where(models.Selection.iteration_id == iteration_id))
@@ -1120,6 +1172,7 @@ class Store:
                 "created_at": row.created_at,
             }
 
+    @unit_of_work
     def selection_count(self, campaign_id: int) -> int:
         with self.session() as s:
             return s.scalar(

@@ -12,6 +12,9 @@ the unresolved reference.
 
 :func:`open_engine` connects; with ``create=False`` (read-only commands) it refuses a database that
 is not already an alforge store instead of creating one, so a mistyped URL is named, not migrated.
+PostgreSQL's driver, psycopg, is the ``alforge[postgres]`` extra: a ``postgresql://`` URL without a
+driver means psycopg (SQLAlchemy's own default, psycopg2, is not what alforge installs), and a
+PostgreSQL URL where psycopg is missing is one line naming the extra.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from alforge.storage.schema import make_engine
 
+POSTGRES_EXTRA = "pip install 'alforge[postgres]'"
 ENV_REFERENCE = "$env:"
 SECRET_REFERENCE = "$secret:"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
@@ -106,7 +110,15 @@ def open_engine(url: str, *, create: bool = True) -> tuple[Engine, str]:
         database = parsed.database or ":memory:"
         if database == ":memory:" or not Path(database).is_file():
             raise StoreError(f"store {shown}: no such database file {database!r}; check --store/--config")
-    engine = make_engine(resolved)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    try:
+        engine = make_engine(parsed)
+    except ImportError as exc:  # SQLAlchemy imports the driver when it builds the engine
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if parsed.get_driver_name() == "psycopg":
+            raise StoreError(f"store {shown}: PostgreSQL stores need the psycopg driver ({reason}); {POSTGRES_EXTRA}") from None
+        raise StoreError(f"store {shown}: the database driver is not installed ({reason})") from None
     try:
         with engine.connect() as conn:
             tables = set(inspect(conn).get_table_names())
