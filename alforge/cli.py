@@ -7,6 +7,7 @@
     alforge export   [--config ... | --store ...] --campaign NAME --out train.extxyz [--model FILE] [--test]
     alforge import   FILE [--config ... | --store ...] --campaign NAME [--energy-key ...]
     alforge retry    CAMPAIGN.yaml [--class crash,scf_not_converged] [--role seed,test,candidate]
+    alforge --version                    (alforge, torch, mace-torch and prefect versions)
 """
 
 from __future__ import annotations
@@ -117,16 +118,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         import json
 
-        out = [
-            {
-                "campaign": c.name, "status": c.status, "status_message": c.status_message,
-                "structures": {r: store.count_structures(c.id, role=r) for r in ("seed", "candidate", "test", "target")},
-                "labels": store.label_counts(c.id), "failures": store.failure_counts(c.id),
-                "quarantined": len(store.quarantined_ids(c.id)), "learning_curve": store.learning_curve(c.id),
-            }
-            for c in campaigns
-        ]
-        print(json.dumps(out, indent=1))
+        from alforge.results import campaign_status
+
+        print(json.dumps([campaign_status(store, c) for c in campaigns], indent=1))
         return 1 if name and not campaigns else 0
     if not campaigns:
         print(f"no campaign{' named ' + repr(name) if name else 's'} in {store.url}")
@@ -176,32 +170,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import ase.io
-
+    from alforge.results import NoModelError, export
     from alforge.storage import Store
 
     store = Store(_store_url(args), create=False)
     name = _campaign_name(args, required=True)
-    cid = store.campaign_id(name)
-    roles = ("seed", "candidate", "test") if args.test else ("seed", "candidate")
-    ids = [i for r in roles for i in store.labelled_ids(cid, role=r)]
-    atoms = store.get_labelled_atoms(ids)
-    for a in atoms:
-        a.info.pop("label_calculator", None)
-    latest = None
-    if args.model:  # everything is read and checked before the first output file is written
-        models = store.models(cid)
-        if not models:
-            raise SystemExit(f"alforge: campaign {name!r} has no model yet")
-        latest = models[-1]
-        store.model_file(latest.id)  # there, and the file the store describes (ModelFileError otherwise)
-    ase.io.write(args.out, atoms, format="extxyz")
-    print(f"wrote {len(atoms)} labelled structures of {name!r} to {args.out}")
-    if latest is not None:
-        from alforge.mlip.mace_model import export_mace_model
-
-        export_mace_model(Path(latest.path), Path(args.model))
-        print(f"wrote the model of iteration {latest.iteration_index} to {args.model} (mace's format)")
+    try:
+        done = export(store, name, Path(args.out), model=Path(args.model) if args.model else None, test=args.test)
+    except NoModelError as exc:
+        raise SystemExit(f"alforge: {exc}") from None
+    print(f"wrote {done.n_structures} labelled structures of {name!r} to {args.out}")
+    if done.model_iteration is not None:
+        print(f"wrote the model of iteration {done.model_iteration} to {args.model} (mace's format)")
     return 0
 
 
@@ -253,9 +233,26 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def version_line() -> str:
+    """``alforge <version> (torch …, mace-torch …, prefect …)``: the versions a bug report needs,
+    read from package metadata so nothing heavy is imported."""
+    from importlib import metadata
+
+    from alforge import __version__
+
+    def installed(package: str) -> str:
+        try:
+            return f"{package} {metadata.version(package)}"
+        except metadata.PackageNotFoundError:
+            return f"{package} not installed"
+
+    return f"alforge {__version__} ({', '.join(installed(p) for p in ('torch', 'mace-torch', 'prefect'))})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
+    parser.add_argument("--version", action="version", version=version_line(), help="print the versions and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run or resume a campaign")

@@ -1,4 +1,5 @@
-"""Seed and test structures: read from files (anything ``ase.io.read`` takes) or generated.
+"""Seed and test structures: read from files (anything ``ase.io.read`` takes) or generated, and
+ASE ``Atoms`` or pymatgen objects of a campaign made in Python, written to extxyz files first.
 
 Reference labels found in a file are kept under the keys the user names, because datasets disagree:
 ASE ≥ 3.23 moves the extxyz keys ``energy``/``forces``/``stress`` into ``atoms.calc.results``, while
@@ -15,6 +16,7 @@ import ase.io
 import numpy as np
 from ase import Atoms
 from ase.build import bulk
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from alforge.config import GenerateSpec, StructureSource
 from alforge.labelling.base import Label
@@ -40,6 +42,44 @@ def check_structure(atoms: Atoms, where: str) -> None:
         raise SourceError(f"{where}: periodic along axis {flat} but its cell vector has zero length")
     if atoms.pbc.all() and abs(atoms.cell.volume) < 1e-6:
         raise SourceError(f"{where}: periodic with a degenerate cell (volume {atoms.cell.volume:.3g} Å³)")
+
+
+def to_atoms(obj: object, where: str) -> Atoms:
+    """A copy of ``obj`` as ASE ``Atoms``: an ``Atoms`` as it is, a pymatgen ``Structure`` or
+    ``Molecule`` through ``AseAtomsAdaptor`` (site properties become ``arrays``, properties
+    ``info``). Labels come along as :func:`write_structures` needs them: a calculator's energy,
+    forces and stress results as a ``SinglePointCalculator``, other keys in ``info``/``arrays``.
+    Anything else is a SourceError naming ``where`` and the object's type."""
+    if type(obj).__module__.startswith("pymatgen"):
+        from pymatgen.core import SiteCollection
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        if isinstance(obj, SiteCollection):
+            try:
+                obj = AseAtomsAdaptor.get_atoms(obj, msonable=False)
+            except ValueError as exc:  # e.g. a disordered structure
+                raise SourceError(f"{where}: pymatgen {type(obj).__name__} cannot become ASE Atoms: {exc}") from None
+    if not isinstance(obj, Atoms):
+        kind = type(obj).__qualname__ if type(obj).__module__ == "builtins" else f"{type(obj).__module__}.{type(obj).__qualname__}"
+        raise SourceError(
+            f"{where}: expected ASE Atoms or a pymatgen Structure/Molecule (a file is {{file: PATH}}), got {kind}"
+        )
+    atoms = obj.copy()  # without the calculator: only its results travel
+    results = obj.calc.results if obj.calc is not None else {}
+    labels = {k: results[k] for k in ("energy", "free_energy", "forces", "stress") if k in results}
+    if labels:
+        atoms.calc = SinglePointCalculator(atoms, **labels)
+    check_structure(atoms, where)
+    return atoms
+
+
+def write_structures(frames: list[Atoms], path: Path) -> None:
+    """Write ``frames`` (from :func:`to_atoms`) as extxyz, labels included, so a campaign made in
+    Python reads its structures from a file like any other; written to a temporary file first, so
+    a failure never leaves a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    ase.io.write(tmp, frames, format="extxyz")
+    tmp.replace(path)
 
 
 def _lookup(atoms: Atoms, key: str, per_atom: bool) -> np.ndarray | float | None:

@@ -483,6 +483,29 @@ class Store:
             return int(s.scalar(q))
 
     @unit_of_work
+    def structure_records(self, campaign_id: int, role: str | None = None) -> list[dict[str, Any]]:
+        """Provenance of the campaign's structures (of ``role``), by id: role, source, the index of
+        the iteration that made it (None for seeds, tests, targets and pool), parent structure,
+        provenance details and the quarantine flag; for the Python API's ``structures()``."""
+        q = (
+            select(
+                models.Structure.id, models.Structure.role, models.Structure.source, models.Iteration.index,
+                models.Structure.parent_id, models.Structure.provenance_json, models.Structure.quarantined,
+            )
+            .outerjoin(models.Iteration, models.Iteration.id == models.Structure.iteration_id)
+            .where(models.Structure.campaign_id == campaign_id)
+        )
+        if role is not None:
+            q = q.where(models.Structure.role == role)
+        with self.session() as s:
+            rows = s.execute(q.order_by(models.Structure.id)).all()
+        return [
+            {"id": sid, "role": r, "source": src, "iteration": index, "parent_id": parent,
+             "provenance": json.loads(prov) if prov else {}, "quarantined": bool(quarantined)}
+            for sid, r, src, index, parent, prov, quarantined in rows
+        ]
+
+    @unit_of_work
     def candidate_pool_ids(self, campaign_id: int, iteration_id: int) -> list[int]:
         """The candidates selection may pick from in an iteration: its own MD frames plus every
         structure of the fixed pool (source ``pool``, no iteration), all without a finished label and
