@@ -74,12 +74,14 @@ def _first_line(exc: DBAPIError) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def run_with_retries(fn: Callable[[], T], operation: str, *, where: str = "", attempts: int = ATTEMPTS) -> T:
+def run_with_retries(fn: Callable[[], T], operation: str, *, where: str = "", attempts: int | None = None) -> T:
     """``fn()``, re-run from the start while it fails with a :func:`retry_reason`; after
-    ``attempts`` tries, :class:`StoreRetryError` naming ``operation`` (and ``where``, the redacted
-    store URL). ``fn`` must be one whole transaction: it opens, commits or rolls back its own."""
+    ``attempts`` tries (default :data:`ATTEMPTS`), :class:`StoreRetryError` naming ``operation``
+    (and ``where``, the redacted store URL). ``fn`` must be one whole transaction: it opens,
+    commits or rolls back its own."""
     if getattr(_inside, "active", False):  # the outer unit of work retries the whole of it
         return fn()
+    attempts = ATTEMPTS if attempts is None else attempts
     _inside.active = True
     try:
         attempt = 0
