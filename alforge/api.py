@@ -13,7 +13,6 @@ export`` (:mod:`alforge.results`); read-only methods never create a store.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,7 +99,8 @@ class Campaign:
     seeds/test/targets entries may also be ASE ``Atoms``, pymatgen ``Structure``/``Molecule`` or
     lists of them) as ``<directory>/<name>.yaml``; ``Campaign.from_file(path)`` uses an existing
     file. Either way the file is validated at once (:class:`~alforge.config.ConfigError` names the
-    field; :class:`~alforge.sources.SourceError` a bad structure, its field and type).
+    field; :class:`~alforge.sources.SourceError` a bad structure, its field and type). As in any
+    campaign file, relative paths (``file`` sources, ``workdir``) are read against its folder.
     """
 
     def __init__(self, config: Mapping[str, Any], *, directory: str | Path | None = None) -> None:
@@ -115,7 +115,7 @@ class Campaign:
             raise ConfigError(f"campaign settings: name: {exc} (got {name!r})") from None
         folder = Path(directory if directory is not None else Path.cwd()).resolve()
         folder.mkdir(parents=True, exist_ok=True)
-        settings = copy.copy(dict(config))  # the caller's dict is left as it was
+        settings = dict(config)  # a copy: the caller's dict is left as it was
         files = _file_sources(settings, name)
         path = folder / f"{name}.yaml"
         try:

@@ -168,3 +168,27 @@ def test_a_bad_structure_object_is_named_with_its_field_and_type(tmp_path, secti
     with pytest.raises(SourceError, match=rf"^{where}: expected ASE Atoms .* got {kind}$"):
         alforge.Campaign(config, directory=tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_labels_under_keys_of_their_own_and_molecules_reach_the_file(tmp_path):
+    from pymatgen.core import Molecule
+
+    from alforge.sources import read_source
+
+    atoms = bulk("Cu", a=3.6, cubic=True)
+    atoms.info["dft_energy"] = -1.25
+    atoms.arrays["dft_forces"] = np.full((4, 3), 0.1)
+    water = Molecule(["O", "H", "H"], [[0, 0, 0], [0.76, 0.59, 0], [-0.76, 0.59, 0]])
+    config = {
+        "name": "keys",
+        "seeds": [{"structures": [atoms], "energy_key": "dft_energy", "forces_key": "dft_forces"}],
+        "targets": water,
+    }
+    campaign = alforge.Campaign(config, directory=tmp_path)
+    assert config["targets"] is water  # the caller's dict is left as it was
+    (seeds,) = campaign.config.seeds
+    _, (label,), _ = read_source(seeds)
+    assert label.energy == -1.25 and np.allclose(label.forces, 0.1)
+    (targets,) = campaign.config.targets
+    (molecule,), (no_label,), _ = read_source(targets, require_forces=False)
+    assert molecule.get_chemical_formula() == "H2O" and not molecule.pbc.any() and no_label is None
