@@ -62,10 +62,12 @@ def test_migrations_build_the_schema_and_match_the_orm(store):
 
 
 def test_migrating_again_is_a_no_op(postgres_db_url):
-    """A second process opening the same database (every campaign run does) changes nothing."""
+    """A second process opening the same database (every campaign run does) changes nothing; a
+    ``postgresql://`` URL without a driver opens it with psycopg (SQLAlchemy would pick psycopg2)."""
     first = Store(postgres_db_url)
     cid = first.get_or_create_campaign("c", {"k": 1})
-    second = Store(postgres_db_url)
+    second = Store(postgres_db_url.replace("postgresql+psycopg://", "postgresql://"))
+    assert second.engine.dialect.driver == "psycopg"
     assert second.campaign_id("c") == cid
     first.close()
     second.close()
