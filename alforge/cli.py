@@ -1,6 +1,6 @@
 """``alforge`` command line: parses arguments and calls flows or reads the store, nothing more.
 
-    alforge run CAMPAIGN.yaml [--wait] [--accept-changes]
+    alforge run CAMPAIGN.yaml [--wait] [--accept-changes] [--verbose]
                                          (exit status 3: paused by the labelling failure budget;
                                           143/130: stopped by SIGTERM/SIGINT, codes killed)
     alforge status   [--config CAMPAIGN.yaml | --store URL] [--campaign NAME] [--json]
@@ -35,9 +35,10 @@ class _NoTracebacks(logging.Filter):
         return record.exc_info is None
 
 
-def _prefect_defaults(debug: bool = False) -> None:
+def _prefect_defaults(debug: bool = False, verbose: bool = False) -> None:
     """Prefect settings for this command, before it starts a flow. A user's own setting (environment,
-    profile or prefect.toml) always wins over these defaults."""
+    profile or prefect.toml) always wins over these defaults. Unless ``verbose``, the console shows
+    only the campaign's summaries, warnings and errors (:class:`alforge.monitoring.terminal.QuietConsole`)."""
     # Before Prefect is imported: no telemetry lookups (the machine may be offline).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     import prefect.main  # noqa: F401 - sets up Prefect's logging, which the filter below joins
@@ -48,12 +49,14 @@ def _prefect_defaults(debug: bool = False) -> None:
     if "startup_timeout_seconds" not in get_current_settings().server.ephemeral.model_fields_set:
         # Prefect read its settings when imported, so a default now is a settings context.
         _PROCESS_SETTINGS.enter_context(temporary_settings(updates={STARTUP_TIMEOUT: PREFECT_STARTUP_TIMEOUT_S}))
-    if not debug:
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, PrefectConsoleHandler) and not any(
-                isinstance(f, _NoTracebacks) for f in handler.filters
-            ):
-                handler.addFilter(_NoTracebacks())
+    from alforge.monitoring.terminal import QuietConsole
+
+    wanted = ([] if debug else [_NoTracebacks]) + ([] if verbose else [QuietConsole])
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            for kind in wanted:
+                if not any(isinstance(f, kind) for f in handler.filters):
+                    handler.addFilter(kind())
 
 
 def _store_url(args: argparse.Namespace) -> str:
@@ -82,19 +85,24 @@ def _campaign_name(args: argparse.Namespace, required: bool) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from alforge.monitoring.terminal import ProgressDisplay, console_of, silence_third_party_warnings
+
+    if not args.verbose:
+        silence_third_party_warnings()  # before the irreps check below first imports e3nn
     from alforge.config import load_config
     from alforge.sources import check_sources
 
     cfg = load_config(args.config_file)  # fail on a bad file before Prefect starts or a store exists
     check_sources(cfg.seeds, require_forces=True)
     check_sources([*cfg.test, *cfg.targets], require_forces=False)
-    _prefect_defaults(args.debug)
+    _prefect_defaults(args.debug, args.verbose)
     from alforge.flows.campaign import campaign
     from alforge.lifetime import CampaignInterrupted, handle_termination
 
     handle_termination()  # SIGTERM/SIGINT: kill the running codes, unwind, exit 128 + signum
     try:
-        result = campaign(str(Path(args.config_file).resolve()), wait=args.wait, accept_changes=args.accept_changes)
+        with ProgressDisplay(console_of(logging.getLogger().handlers)):
+            result = campaign(str(Path(args.config_file).resolve()), wait=args.wait, accept_changes=args.accept_changes)
     except CampaignInterrupted as exc:
         print(f"alforge: {exc}; its unfinished labels run again on resume", file=sys.stderr)
         return exc.code
@@ -261,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--accept-changes", action="store_true",
         help="go on with changed MLIP settings (they do not change the labels; a new labeller means a new campaign)",
+    )
+    p.add_argument(
+        "--verbose", action="store_true",
+        help="show everything: Prefect's per-task lines, per-epoch training lines, third-party warnings",
     )
     p.set_defaults(func=cmd_run)
 

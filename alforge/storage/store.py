@@ -997,7 +997,8 @@ class Store:
         ``n_labels`` counts the model's training structures (seeds + candidates labelled so far),
         ``n_selected`` the candidates picked in that iteration (labelled before the next model);
         ``test_*`` are the stored test metrics (None when there is no test set, or, for the force
-        metrics, when no test structure has forces).
+        metrics, when no test structure has forces); ``training_epochs`` is the model's training
+        history (:meth:`training_epochs`), so ``alforge status --json`` shows how each model trained.
         """
         models_by_iteration = {m.iteration_index: m for m in self.models(campaign_id)}
         out = []
@@ -1019,6 +1020,7 @@ class Store:
                 "test_forces_mae": mt.get("test_forces_mae"),
                 "train_forces_rmse": mt.get("train_forces_rmse"),
                 "finished": it.finished_at is not None,
+                "training_epochs": self.training_epochs(m.id),
             })
         return out
 
