@@ -30,6 +30,7 @@ from alembic.script import ScriptDirectory
 from ase import Atoms
 from ase.build import bulk, molecule
 from sqlalchemy import func, inspect, select, text
+from sqlalchemy.exc import DBAPIError
 
 from alforge.storage import Store
 from alforge.storage import models as orm
@@ -241,6 +242,25 @@ def test_a_real_serialization_failure_is_retried_then_given_up_by_name(store, qu
     assert message.startswith(f"store {store.url}: bump status gave up after 4 attempts")
     assert "serialization failure (40001)" in message and "\n" not in message
     assert store.campaigns()[0].status == "s+", "the given-up transaction changed nothing"
+
+
+def test_a_connection_lost_at_commit_is_not_retried():
+    """A transaction whose COMMIT lost its connection may have committed: re-running it could apply
+    it twice, so only a connection lost while a statement ran is retried."""
+    def lost(statement: str | None) -> DBAPIError:
+        return DBAPIError(statement, None, Exception("server closed the connection"), connection_invalidated=True)
+
+    assert transactions.retry_reason(lost("UPDATE labels SET status = 'done'")) == "connection lost"
+    assert transactions.retry_reason(lost(None)) is None
+    calls: list[int] = []
+
+    def commit_fails() -> None:
+        calls.append(1)
+        raise lost(None)
+
+    with pytest.raises(DBAPIError):
+        run_with_retries(commit_fails, "commit")
+    assert calls == [1]
 
 
 def _fail_attempt_inserts(store: Store, times: int, how: str) -> None:

@@ -6,8 +6,9 @@ and a heartbeat thread in each), so the database may abort a transaction that di
 * a **serialization failure** (SQLSTATE 40001; under READ COMMITTED only when a DBA made a
   stricter isolation level the server's default) or a **deadlock** (40P01: PostgreSQL aborts one
   of two transactions that wait on each other's row locks);
-* a **dropped connection** (a server restart, a failover, an idle connection cut by a firewall):
-  SQLAlchemy invalidates it, and the pool's pre-ping gives the next attempt a fresh one;
+* a **dropped connection** while a statement ran (a server restart, a failover, a connection cut
+  by a firewall): SQLAlchemy invalidates it, and the pool's pre-ping gives the next attempt a
+  fresh one;
 * on SQLite, SQLITE_BUSY_SNAPSHOT ("database is locked" at once, without the busy handler's
   wait): a transaction of a WAL database that read, then would write after another writer committed.
 
@@ -18,9 +19,10 @@ exponential backoff (so two aborted writers do not collide again in lockstep); a
 as a constraint violation, is raised at once. A store method calling another one runs inside the
 outer retry only, so attempts never multiply.
 
-A connection lost *during* COMMIT leaves it unknown whether the transaction committed; the store's
-writes are written to be re-runnable (INSERT … ON CONFLICT DO NOTHING, compare-and-swap UPDATEs
-conditional on the state read), so a re-run either applies the change or finds it already made.
+A connection lost *during* COMMIT is not retried: the transaction may have committed, and a re-run
+could apply it twice (a second config version, a second selection row). It is raised as it is, and
+the task that made it fails with the database's message. (A serialization failure or deadlock
+reported at COMMIT is retried: the server aborted that transaction.)
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ def retry_reason(exc: BaseException) -> str | None:
     """Why ``exc`` is worth a re-run of its transaction (``"deadlock"``, ...), or None if it is not."""
     if not isinstance(exc, DBAPIError):
         return None
-    if exc.connection_invalidated:
-        return "connection lost"
+    if exc.connection_invalidated:  # no statement: lost at COMMIT, which may have committed
+        return "connection lost" if exc.statement is not None else None
     code = getattr(exc.orig, "sqlstate", None)
     if code in RETRYABLE_SQLSTATES:
         return f"{RETRYABLE_SQLSTATES[code]} ({code})"
