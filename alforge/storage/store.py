@@ -1,7 +1,10 @@
 """High-level access to the store: one method per unit of work, each its own transaction.
 
 Tasks call these methods and never build queries themselves, so every persistence rule (dedup,
-label state machine, feature keys) lives here once.
+label state machine, feature keys) lives here once. Each method that opens a session is a
+``@unit_of_work`` (:mod:`alforge.storage.transactions`): re-run whole when the database aborts its
+transaction (serialization failure, deadlock, a connection lost mid-statement), so a new method
+must also do all its work in the session it opens and nothing outside the database before it ends.
 """
 
 from __future__ import annotations
