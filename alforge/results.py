@@ -54,8 +54,9 @@ def _flatten(value: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def iteration_rows(store: Store, campaign_id: int) -> list[dict[str, Any]]:
     """One row per iteration: labels, the model's train/valid/test energy and force errors (eV/atom,
-    eV/Å) and every other stored metric, candidates weighed and selected, the stop reason, and the
-    iteration's diagnostics flattened to dotted columns (``calibration.alpha2``, ``pr_test.q50``)."""
+    eV/Å) and every other stored metric, candidates weighed and selected, the stop reason, the rest
+    of the iteration's summary and its diagnostics, flattened to dotted columns (``failures.crash``,
+    ``calibration.alpha2``, ``pr_test.q50``)."""
     models = {m.iteration_index: m for m in store.models(campaign_id)}
     rows = []
     for it in store.iterations(campaign_id):
@@ -73,10 +74,10 @@ def iteration_rows(store: Store, campaign_id: int) -> list[dict[str, Any]]:
             "stop_reason": it.stop_reason,
             "finished": it.finished_at is not None,
         }
-        for key, value in (model.metrics if model else {}).items():
-            row.setdefault(key, value)
-        for key, value in _flatten(summary.get("diagnostics") or {}).items():
-            row.setdefault(key, value)
+        recorded = {k: v for k, v in summary.items() if k != "diagnostics"}  # e.g. failures by class
+        for part in (model.metrics if model else {}, _flatten(recorded), _flatten(summary.get("diagnostics") or {})):
+            for key, value in part.items():
+                row.setdefault(key, value)
         rows.append(row)
     return rows
 
