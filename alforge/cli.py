@@ -8,6 +8,9 @@
     alforge import   FILE [--config ... | --store ...] --campaign NAME [--energy-key ...]
     alforge retry    CAMPAIGN.yaml [--class crash,scf_not_converged] [--role seed,test,candidate]
     alforge --version                    (alforge, torch, mace-torch and prefect versions)
+    alforge server   start|stop|status [--port 4200] [--state DIR]   (a local Prefect server, PID file)
+    alforge deploy   CAMPAIGN.yaml [--cron "0 2 * * *"] [--pool NAME] [--name NAME] [--set key=value ...]
+    alforge worker   [--pool NAME] [--limit N]          (a Prefect process worker for the pool)
 """
 
 from __future__ import annotations
@@ -241,6 +244,66 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    """A local Prefect server for the UI and for deployments (:mod:`alforge.service`)."""
+    from alforge import service
+
+    state = service.state_dir(args.state)
+    try:
+        if args.action == "start":
+            st = service.start_server(state, port=args.port, timeout=args.timeout)
+            print(f"Prefect server running (pid {st.pid}): UI {st.ui_url}  API {st.api_url}")
+            print(f"state and log: {state}  (the UI is told its API URL: PREFECT_UI_API_URL={st.api_url})")
+            print("point flows, `alforge deploy` and workers at it with:")
+            print(f"export PREFECT_API_URL={st.api_url}")
+            return 0
+        if args.action == "stop":
+            stopped = service.stop_server(state)
+            print("Prefect server stopped" if stopped else f"no Prefect server running from {state}")
+            return 0
+        st = service.server_status(state)
+    except service.ServiceError as exc:
+        raise SystemExit(f"alforge: {exc}") from None
+    if not st.running:
+        print(f"no Prefect server running from {state}")
+        return 1
+    print(f"Prefect server pid {st.pid}: {'healthy' if st.healthy else 'NOT answering'} at {st.api_url} (UI {st.ui_url})")
+    return 0 if st.healthy else 1
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """A deployment of the campaign flow for one campaign file, on a process work pool."""
+    from alforge import service
+
+    _prefect_defaults(args.debug)
+    try:
+        overrides = service.parse_overrides(args.set or [])
+        api = service.resolve_api_url(service.state_dir(args.state))
+        dep = service.deploy_campaign(
+            args.config_file, api=api, pool=args.pool, name=args.name, cron=args.cron, overrides=overrides
+        )
+    except service.ServiceError as exc:
+        raise SystemExit(f"alforge: {exc}") from None
+    schedule = f"cron {args.cron!r} (UTC)" if args.cron else "no schedule (runs when triggered)"
+    print(f"deployment {dep.name!r} ({dep.id}) on work pool {dep.pool!r} at {dep.api_url}: {schedule}")
+    print(f"start a worker:  alforge worker --pool {dep.pool}")
+    print(f"run it now:      prefect deployment run {dep.name!r}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Become ``prefect worker start`` for a process pool; it runs the deployments' flow runs."""
+    from alforge import service
+
+    try:
+        api = service.resolve_api_url(service.state_dir(args.state))
+    except service.ServiceError as exc:
+        raise SystemExit(f"alforge: {exc}") from None
+    print(f"starting a Prefect worker for pool {args.pool!r} on {api}", flush=True)
+    service.exec_worker(args.pool, api, limit=args.limit)
+    return 0  # not reached: exec_worker replaces this process
+
+
 def version_line() -> str:
     """``alforge <version> (torch …, mace-torch …, prefect …)``: the versions a bug report needs,
     read from package metadata so nothing heavy is imported."""
@@ -309,6 +372,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="classes", help="only these failure classes (comma-separated, e.g. crash,scf_not_converged)")
     p.add_argument("--role", dest="roles", help="only structures of these roles (comma-separated: seed,test,candidate)")
     p.set_defaults(func=cmd_retry)
+
+    from alforge.service import DEFAULT_POOL, DEFAULT_PORT, STARTUP_TIMEOUT_S
+
+    def state_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state", help="the server's state dir (default: $ALFORGE_HOME/prefect or ~/.alforge/prefect)")
+
+    p = sub.add_parser("server", help="start, stop or check a local Prefect server (UI and deployments)")
+    p.add_argument("action", choices=("start", "stop", "status"))
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port on 127.0.0.1 (default {DEFAULT_PORT})")
+    p.add_argument("--timeout", type=float, default=STARTUP_TIMEOUT_S, help="seconds start waits for the server's health check")
+    state_arg(p)
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("deploy", help="create or update a Prefect deployment of a campaign (process work pool)")
+    p.add_argument("config_file", metavar="CAMPAIGN", help="campaign file")
+    p.add_argument("--cron", help='schedule, a cron string in UTC, e.g. "0 2 * * *"')
+    p.add_argument("--pool", default=DEFAULT_POOL, help=f"process work pool, created if missing (default {DEFAULT_POOL})")
+    p.add_argument("--name", help="deployment name (default: the campaign's name)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a setting for this deployment's runs, e.g. --set stopping.max_iterations=3 (repeatable)")
+    state_arg(p)
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("worker", help="run a Prefect worker that executes the pool's campaign runs")
+    p.add_argument("--pool", default=DEFAULT_POOL, help=f"work pool to poll (default {DEFAULT_POOL})")
+    p.add_argument("--limit", type=int, help="at most this many flow runs at once")
+    state_arg(p)
+    p.set_defaults(func=cmd_worker)
     return parser
 
 

@@ -6,7 +6,8 @@
 #                              (Quantum ESPRESSO, CP2K, xtb) and PySCF, used by the labelling tests,
 #                              and Debian's PostgreSQL server, which the store tests start on loopback
 #                              (tests/conftest.py: postgres_url), with the alforge[postgres] extra
-#                              (psycopg) they need; CI runs this
+#                              (psycopg) they need, and Debian's chromium, whose headless mode
+#                              screenshots the Prefect UI (tests/test_deployment.py); CI runs this
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ want_dft=0
 [[ "${1:-}" == "--dft" ]] && want_dft=1
 
 if (( want_dft )); then
-  pkgs=(quantum-espresso quantum-espresso-data cp2k cp2k-data xtb postgresql)
+  pkgs=(quantum-espresso quantum-espresso-data cp2k cp2k-data xtb postgresql chromium)
   missing=()
   for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if (( ${#missing[@]} )); then
