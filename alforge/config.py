@@ -293,6 +293,70 @@ class StoppingConfig(_Strict):
     min_score: float = 0.0
 
 
+def _slurm_cluster_kwargs() -> set[str]:
+    """Every keyword ``dask_jobqueue.SLURMCluster`` takes (its own, its job's and the base job's)."""
+    import inspect
+
+    from dask_jobqueue.core import Job, JobQueueCluster
+    from dask_jobqueue.slurm import SLURMJob
+
+    names = set()
+    for fn in (JobQueueCluster.__init__, Job.__init__, SLURMJob.__init__):
+        names |= {p for p in inspect.signature(fn).parameters if p not in ("self", "scheduler", "name")}
+    return names - {"base_class_kwargs", "job_kwargs", "job_cls", "asynchronous", "loop"}
+
+
+class ExecutionConfig(_Strict):
+    """Where labels and MD walkers run (alforge/flows/execution.py): a thread pool in the campaign's
+    process (``thread``, the default), or Dask (``dask``): a local cluster of worker processes
+    (``cluster: local``), a SLURM cluster of batch jobs (``cluster: slurm``, dask-jobqueue), or
+    the scheduler of a cluster already running (``address``)."""
+
+    task_runner: Literal["thread", "dask"] = "thread"
+    address: str | None = Field(None, description="scheduler of a running Dask cluster, e.g. tcp://10.0.0.5:8786")
+    cluster: Literal["local", "slurm"] | None = Field(None, description="start a Dask cluster for the run")
+    n_workers: int | None = Field(
+        None, ge=1, description="cluster: local: worker processes (one thread each); default "
+        "labeller.concurrency for labels, exploration.walkers for MD"
+    )
+    cluster_kwargs: dict[str, Any] = Field(
+        {}, description="cluster: slurm: dask_jobqueue.SLURMCluster keywords (queue, cores, memory, walltime, ...)"
+    )
+    adapt_kwargs: dict[str, Any] = Field(
+        {}, description="scale the started cluster with cluster.adapt(**adapt_kwargs), e.g. {minimum: 0, maximum: 8}"
+    )
+
+    @field_validator("cluster_kwargs", "adapt_kwargs")
+    @classmethod
+    def _finite(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _finite_mapping(v, info.field_name or "kwargs")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExecutionConfig":
+        given = [k for k in ("address", "cluster", "n_workers") if getattr(self, k) is not None]
+        given += [k for k in ("cluster_kwargs", "adapt_kwargs") if getattr(self, k)]
+        if self.task_runner == "thread":
+            if given:
+                raise ValueError(f"{', '.join(given)}: Dask settings need task_runner: dask")
+            return self
+        if (self.address is None) == (self.cluster is None):
+            raise ValueError("task_runner: dask needs exactly one of 'address' (a running scheduler) or 'cluster'")
+        if self.address is not None and (self.n_workers is not None or self.cluster_kwargs or self.adapt_kwargs):
+            raise ValueError("address: a running cluster takes no n_workers, cluster_kwargs or adapt_kwargs")
+        if self.cluster == "local" and self.cluster_kwargs:
+            raise ValueError("cluster_kwargs are for cluster: slurm; a local cluster takes n_workers")
+        if self.cluster == "slurm":
+            if self.n_workers is not None:
+                raise ValueError("n_workers is for cluster: local; size a SLURM cluster with adapt_kwargs")
+            unknown = sorted(set(self.cluster_kwargs) - _slurm_cluster_kwargs())
+            if unknown:
+                raise ValueError(f"cluster_kwargs: SLURMCluster takes no {', '.join(map(repr, unknown))}")
+            missing = [k for k in ("cores", "memory") if k not in self.cluster_kwargs]
+            if missing:
+                raise ValueError(f"cluster_kwargs: SLURMCluster needs {' and '.join(missing)} (per job)")
+        return self
+
+
 class CampaignConfig(_Strict):
     name: str
     store: str | None = Field(
@@ -313,6 +377,7 @@ class CampaignConfig(_Strict):
     labeller: LabellerConfig = LabellerConfig()
     uncertainty: UncertaintyConfig = UncertaintyConfig()
     stopping: StoppingConfig = StoppingConfig()
+    execution: ExecutionConfig = ExecutionConfig()
 
     @field_validator("name")
     @classmethod
@@ -341,6 +406,20 @@ class CampaignConfig(_Strict):
         if self.labeller.name == "lookup" and not self.labeller.kwargs.get("files"):
             if not any(src.file is not None for src in self.exploration.pool):
                 raise ValueError("labeller 'lookup' needs kwargs.files or an exploration.pool of files to look labels up in")
+        return self
+
+    @model_validator(mode="after")
+    def _password_reaches_workers(self) -> "CampaignConfig":
+        """Workers on other hosts get the store as a reference they resolve themselves
+        (alforge/flows/execution.py): a password written in the URL has no safe way there."""
+        ex = self.execution
+        remote = ex.address is not None or ex.cluster == "slurm"
+        if remote and self.store is not None and redact_url(self.store) != self.store:
+            where = "execution.address" if ex.address is not None else "execution.cluster: slurm"
+            raise ValueError(
+                f"{where}: the store URL holds a password, which Dask workers on other hosts cannot be given "
+                "safely; write store: $env:NAME (NAME set for the workers too) or $secret:NAME"
+            )
         return self
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ server this module started.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -304,21 +305,23 @@ def deploy_campaign(
         from alforge.flows.campaign import campaign_flow
 
         ensure_process_pool(pool)
-        deployment_id = campaign_flow.deploy(
-            name=deployment_name,
-            work_pool_name=pool,
-            entrypoint_type=EntrypointType.MODULE_PATH,
-            parameters={"config_path": str(path), "overrides": overrides},
-            job_variables={"working_dir": str(path.parent)},
-            cron=cron,
-            concurrency_limit=1,
-            tags=["alforge", f"campaign:{cfg.name}"],
-            description=f"alforge campaign {cfg.name!r} from {path}",
-            build=False,
-            push=False,
-            print_next_steps=False,
-            ignore_warnings=True,
-        )
+        # Prefect prints its own table of applied deployments; the CLI says what was made, once.
+        with contextlib.redirect_stdout(io.StringIO()):
+            deployment_id = campaign_flow.deploy(
+                name=deployment_name,
+                work_pool_name=pool,
+                entrypoint_type=EntrypointType.MODULE_PATH,
+                parameters={"config_path": str(path), "overrides": overrides},
+                job_variables={"working_dir": str(path.parent)},
+                cron=cron,
+                concurrency_limit=1,
+                tags=["alforge", f"campaign:{cfg.name}"],
+                description=f"alforge campaign {cfg.name!r} from {path}",
+                build=False,
+                push=False,
+                print_next_steps=False,
+                ignore_warnings=True,
+            )
     return Deployment(str(deployment_id), f"{campaign_flow.name}/{deployment_name}", pool, api)
 
 

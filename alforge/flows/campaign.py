@@ -14,31 +14,32 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from alforge.config import CampaignConfig, LabellerConfig, load_config
 from alforge.config_changes import check_changes
+from alforge.flows.execution import make_task_runner, worker_context
+from alforge.flows.exploration import explore
 from alforge.flows.stopping import failure_budget_reason, remaining_budget, stop_reason
 from alforge.ownership import campaign_lease
 from alforge.selectors import make_selector
 from alforge.tasks.common import bind_campaign, campaign_store_url, open_store
 from alforge.tasks.diagnostics import diagnostics
-from alforge.tasks.explore import explore
 from alforge.tasks.featurize import featurize
 from alforge.tasks.ingest import ingest_pool, ingest_sources
 from alforge.tasks.label import label_outcomes, label_structure, labeller_identity
 from alforge.tasks.select import select_batch
 from alforge.tasks.train import evaluate_model, train_committee, train_model
+from alforge.tasks.worker import WorkerContext
 
 
 @flow(name="label-batch")
-def label_batch(campaign_id: int, cfg: LabellerConfig) -> str | None:
+def label_batch(campaign_id: int, cfg: LabellerConfig, worker: WorkerContext) -> str | None:
     """Run every unfinished label of the campaign, ``labeller.concurrency`` at a time; returns why
     the campaign must pause (failure budget exceeded), or None. The store is the one the campaign
     is bound to in this process: a URL parameter would be recorded, password and all, by Prefect."""
     store_url = campaign_store_url(campaign_id)
     todo = open_store(store_url).unfinished_labels(campaign_id)
-    futures = [label_structure.submit(store_url, lid, sid, cfg) for lid, sid in todo]
+    futures = [label_structure.submit(worker, lid, sid, cfg) for lid, sid in todo]
     wait(futures)
     outcomes: dict[str, int] = {}
     for fut in futures:
@@ -49,10 +50,10 @@ def label_batch(campaign_id: int, cfg: LabellerConfig) -> str | None:
     return failure_budget_reason(cfg, label_outcomes(store_url, campaign_id))
 
 
-def _label(url: str, cid: int, cfg: LabellerConfig) -> str | None:
-    runner = ThreadPoolTaskRunner(max_workers=cfg.concurrency)
+def _label(url: str, cid: int, cfg: CampaignConfig) -> str | None:
+    runner = make_task_runner(cfg, cfg.labeller.concurrency)
     bind_campaign(cid, url)
-    return label_batch.with_options(task_runner=runner)(cid, cfg)
+    return label_batch.with_options(task_runner=runner)(cid, cfg.labeller, worker_context(cfg))
 
 
 def _pause(url: str, cid: int, name: str, reason: str) -> dict[str, Any]:
@@ -127,8 +128,7 @@ def campaign_flow(config_path: str) -> dict[str, Any]:
         ingest_sources(url, cid, cfg.targets, "target", None, None)
     if cfg.exploration.pool:  # fixed candidates, stored once; labelled only when selected
         ingest_pool(url, cid, cfg.exploration.pool, str(cfg.workdir))
-    labeller_cfg = cfg.labeller
-    if pause := _label(url, cid, labeller_cfg):
+    if pause := _label(url, cid, cfg):
         return _pause(url, cid, cfg.name, pause)
 
     last_selection: dict | None = None
@@ -143,7 +143,7 @@ def campaign_flow(config_path: str) -> dict[str, Any]:
         if reason is None and k == cfg.stopping.max_iterations:
             reason = f"reached max_iterations = {k}"
         selected = 0
-        candidates = explore(url, cid, iteration_id, model_id, cfg.exploration, cfg.seed) if reason is None else []
+        candidates = explore(url, cid, iteration_id, model_id, cfg, cfg.name, k) if reason is None else []
         watched = store.labelled_ids(cid, role="test") + store.structure_ids(cid, role="target")
         featurize(url, model_id, candidates + watched, with_training_set=True)
         diag = diagnostics(url, cid, model_id, candidates, cfg.uncertainty)
@@ -157,7 +157,7 @@ def campaign_flow(config_path: str) -> dict[str, Any]:
                 url, cid, iteration_id, model_id, selector_cfg, calculator, params_hash, cfg.uncertainty, cfg.seed
             )
             selected = len(last_selection["picked"])
-            if pause := _label(url, cid, labeller_cfg):
+            if pause := _label(url, cid, cfg):
                 return _pause(url, cid, cfg.name, pause)
         summary = summarise(url, cid, iteration_id, metrics, selected, reason, diag)
         summaries.append(summary)

@@ -3,13 +3,16 @@
 Every outcome is stored, none is raised: a DFT failure is an event in the store (failure class,
 message, the code's last output lines, every attempt and the policy's decision), never a crash of
 the campaign. A label that is already finished, or claimed by another live run, is skipped, never
-recomputed; the claim's owner is this process (:data:`alforge.ownership.PROCESS_OWNER`).
+recomputed. The task may run in another process (a Dask worker): the claim's owner is the
+campaign lease's owner, passed in, never the worker's own id, and the attempt records the host and
+pid that computed it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import socket
 from collections.abc import Callable
 
@@ -21,9 +24,9 @@ from alforge.config import LabellerConfig
 from alforge.labelling.base import FailureClass, Labeller
 from alforge.labelling.policy import RetryPolicy, label_with_policy
 from alforge.labelling.registry import make_labeller
-from alforge.ownership import PROCESS_OWNER
 from alforge.storage.store import LabelRecord
 from alforge.tasks.common import open_store
+from alforge.tasks.worker import WorkerContext
 
 
 def labeller_factory(cfg: LabellerConfig) -> Callable[..., Labeller]:
@@ -44,10 +47,11 @@ def labeller_identity(cfg: LabellerConfig) -> tuple[str, str]:
 
 
 @task(name="label", tags=["label"], cache_policy=NO_CACHE)
-def label_structure(store_url: str, label_id: int, structure_id: int, cfg: LabellerConfig) -> str:
-    """Compute and store one label; returns ``done``, ``failed``, ``quarantined`` or ``skipped``."""
-    store = open_store(store_url)
-    if not store.start_label(label_id, owner=PROCESS_OWNER):  # finished, or a live run computes it
+def label_structure(worker: WorkerContext, label_id: int, structure_id: int, cfg: LabellerConfig) -> str:
+    """Compute and store one label; returns ``done``, ``failed``, ``quarantined`` or ``skipped``.
+    Runs in any process: all it needs comes in ``worker`` (alforge/tasks/worker.py)."""
+    store = worker.open()
+    if not store.start_label(label_id, owner=worker.owner):  # finished, or a live run computes it
         return "skipped"
     (atoms,) = store.get_atoms([structure_id])
     atoms.info.pop("alforge_id", None)
@@ -56,7 +60,7 @@ def label_structure(store_url: str, label_id: int, structure_id: int, cfg: Label
         labeller_factory(cfg), atoms, retry_policy(cfg), cfg.labeller_kwargs(), previous_failures=earlier
     )
     last = attempts[-1]
-    meta = dict(last.metadata)
+    meta = {**last.metadata, "worker_pid": os.getpid()}  # with ``host``: which process computed it
     common = {
         "wall_time": sum(a.wall_time for a in attempts),
         "host": meta.get("host") or socket.gethostname(),
@@ -77,7 +81,7 @@ def label_structure(store_url: str, label_id: int, structure_id: int, cfg: Label
             output_tail=last.output_tail or None, metadata=meta or None, **common,
         )
     quarantine = last.decision == "quarantine"
-    if not store.finish_label(label_id, record, [a.to_dict() for a in attempts], quarantine, owner=PROCESS_OWNER):
+    if not store.finish_label(label_id, record, [a.to_dict() for a in attempts], quarantine, owner=worker.owner):
         return "skipped"  # the claim was lost (the lease released or taken over): not ours to store
     return "quarantined" if quarantine else record.status
 
