@@ -42,8 +42,10 @@ def _prefect_defaults(debug: bool = False, verbose: bool = False) -> None:
     """Prefect settings for this command, before it starts a flow. A user's own setting (environment,
     profile or prefect.toml) always wins over these defaults. Unless ``verbose``, the console shows
     only the campaign's summaries, warnings and errors (:class:`alforge.monitoring.terminal.QuietConsole`)."""
-    # Before Prefect is imported: no telemetry lookups (the machine may be offline).
+    # Before Prefect is imported: no telemetry lookups (the machine may be offline), neither the
+    # server's nor the client's (whose first-run notice would also print on a terminal).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     import prefect.main  # noqa: F401 - sets up Prefect's logging, which the filter below joins
     from prefect.logging.handlers import PrefectConsoleHandler
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP_TIMEOUT

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 from rich.console import Console
+from rich.theme import Theme
 
 from alforge.monitoring.progress import Progress
 from alforge.monitoring.terminal import ProgressDisplay, QuietConsole, silence_third_party_warnings
@@ -58,8 +59,8 @@ def test_progress_display_prints_a_milestone_off_a_tty_and_bars_on_one():
             p.advance(3)
     assert out.getvalue().count("\n") == 1 and "training iteration 1: 3/3 done" in out.getvalue()
 
-    tty = io.StringIO()
-    display = ProgressDisplay(Console(file=tty, force_terminal=True, width=100), live=True)
+    tty = io.StringIO()  # a console like Prefect's: a theme of its own, without rich's bar styles
+    display = ProgressDisplay(Console(file=tty, force_terminal=True, width=100, theme=Theme({}, inherit=False)), live=True)
     with display:
         with Progress(key="tiny-labelling", description="labelling iteration 2", total=4) as p:
             p.advance(2)

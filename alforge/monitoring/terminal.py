@@ -15,7 +15,13 @@ import warnings
 from datetime import datetime
 from types import TracebackType
 
+from rich.default_styles import DEFAULT_STYLES
+from rich.theme import Theme
+
 from alforge.monitoring.progress import ProgressEvent, add_listener, remove_listener
+
+#: rich's own styles for progress bars (a Console with a theme of its own lacks them)
+_BAR_STYLES = {k: v for k, v in DEFAULT_STYLES.items() if k.startswith(("bar.", "progress."))}
 
 #: Third-party warnings a user can do nothing about (the same ones pyproject.toml filters in tests):
 #: e3nn and mace still use TorchScript and unpickle constants with weights_only off.
@@ -79,8 +85,7 @@ class ProgressDisplay:
         remove_listener(self)
         with self._lock:
             if self._progress is not None:
-                self._progress.stop()
-                self._progress = None
+                self._stop()
             self._bars.clear()
 
     def __call__(self, event: ProgressEvent) -> None:
@@ -98,6 +103,8 @@ class ProgressDisplay:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         if self._progress is None:
+            # Prefect's console has a theme of its own only (inherit=False): lend it rich's bar styles.
+            self.console.push_theme(Theme(_BAR_STYLES))
             self._progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 console=self.console, transient=True,
@@ -111,10 +118,14 @@ class ProgressDisplay:
             self._progress.remove_task(task)
             del self._bars[bar]
             if not self._bars:
-                self._progress.stop()
-                self._progress = None
+                self._stop()
         else:
             self._progress.update(task, completed=event.done, total=event.total)
+
+    def _stop(self) -> None:
+        self._progress.stop()
+        self._progress = None
+        self.console.pop_theme()
 
 
 def console_of(handlers: list[logging.Handler]) -> object | None:
