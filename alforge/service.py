@@ -173,6 +173,7 @@ def start_server(state: Path, port: int = DEFAULT_PORT, timeout: float = STARTUP
         PREFECT_UI_API_URL=api_url,  # the UI in the browser calls this; the default assumes port 4200
         PREFECT_API_URL=api_url,  # the server's own services talk to it, never to a user's other server
     )
+    env.setdefault("DO_NOT_TRACK", "1")  # nor client-side telemetry (the machine may be offline)
     log_path = state / "server.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -336,4 +337,6 @@ def worker_command(pool: str, limit: int | None = None) -> list[str]:
 def exec_worker(pool: str, api: str, limit: int | None = None) -> None:
     """Replace this process by a Prefect worker polling ``pool`` on ``api`` (never returns)."""
     cmd = worker_command(pool, limit)
-    os.execve(cmd[0], cmd, dict(os.environ, PREFECT_API_URL=api))
+    env = dict(os.environ, PREFECT_API_URL=api)
+    env.setdefault("DO_NOT_TRACK", "1")  # no client-side telemetry from the worker or its flow runs
+    os.execve(cmd[0], cmd, env)
