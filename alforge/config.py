@@ -13,10 +13,13 @@ may run elsewhere), and ASE calculator kwargs must be parameters the calculator 
 
 from __future__ import annotations
 
+import copy
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -505,8 +508,78 @@ def parse_config(raw: Any, path: Path, *, check_device: bool = True) -> Campaign
     return cfg
 
 
-def load_config(path: str | Path, *, check_device: bool = True) -> CampaignConfig:
-    """Read and validate the campaign file at ``path`` (see :func:`parse_config`)."""
+def _section_of(annotation: Any) -> tuple[str, Any]:
+    """What a field holds, for walking a dotted override key: a settings model (``model``), a list
+    (``list`` of its item type), free-form settings (``free``: params, kwargs) or a plain value."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+        annotation = args[0]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "model", annotation
+    origin = get_origin(annotation)
+    if origin is list:
+        return "list", (get_args(annotation) or (Any,))[0]
+    if origin is dict or annotation is dict:
+        return "free", None
+    return "value", None
+
+
+def _check_override_key(key: str) -> None:
+    """Refuse a dotted key that names no setting of the campaign file, naming the part that is wrong."""
+    kind, inner = "model", CampaignConfig
+    parts = key.split(".")
+    if not all(parts):
+        raise ValueError("empty part in the dotted key")
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth]) or "the campaign file"
+        if kind == "free":
+            return
+        if kind == "value":
+            raise ValueError(f"{where} is a single value, it has no {part!r}")
+        if kind == "list":
+            if not part.isdigit():
+                raise ValueError(f"{where} is a list: expected an index, got {part!r}")
+            kind, inner = _section_of(inner)
+            continue
+        if part not in inner.model_fields:
+            raise ValueError(f"{where} has no setting {part!r} (known: {', '.join(inner.model_fields)})")
+        kind, inner = _section_of(inner.model_fields[part].annotation)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """A copy of the file's settings with each dotted key (``{"selector.batch_size": 4}``) set, so a
+    deployment or notebook can vary a campaign without editing its file; validation comes after."""
+    out = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        try:
+            _check_override_key(str(key))
+            *sections, leaf = str(key).split(".")
+            node: Any = out
+            for part in sections:
+                if isinstance(node, list):
+                    if int(part) >= len(node):
+                        raise ValueError(f"index {part} is past the end of a list of {len(node)}")
+                    node = node[int(part)]
+                else:
+                    if not isinstance(node.get(part), (dict, list)):
+                        node[part] = {}
+                    node = node[part]
+            if isinstance(node, list):
+                if int(leaf) >= len(node):
+                    raise ValueError(f"index {leaf} is past the end of a list of {len(node)}")
+                node[int(leaf)] = value
+            else:
+                node[leaf] = value
+        except ValueError as exc:
+            raise ConfigError(f"{path}: override {key!r}: {exc}") from None
+    return out
+
+
+def load_config(
+    path: str | Path, *, overrides: Mapping[str, Any] | None = None, check_device: bool = True
+) -> CampaignConfig:
+    """Read and validate the campaign file at ``path`` (see :func:`parse_config`), with dotted-key
+    ``overrides`` applied first (:func:`apply_overrides`)."""
     path = Path(path).resolve()
     if not path.exists():
         raise ConfigError(f"{path}: campaign file not found")
@@ -519,4 +592,6 @@ def load_config(path: str | Path, *, check_device: bool = True) -> CampaignConfi
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if twice:
         raise ConfigError(f"{path}: key(s) given twice: {'; '.join(twice)}")
+    if overrides and isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides, path)
     return parse_config(raw, path, check_device=check_device)

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 #: This process's owner id: of the leases it takes and of the label claims it makes under them.
 PROCESS_OWNER = str(uuid.uuid4())
 HOST = socket.gethostname()
+#: (store, campaign id) of the leases this process holds now, so a flow can tell whether its
+#: caller (``alforge run``) already owns the campaign or it must take the lease itself (a deployment run).
+_HELD: set[tuple[str, int]] = set()
+_HELD_LOCK = threading.Lock()
 
 
 class LeaseHeld(RuntimeError):
@@ -45,6 +49,13 @@ class LeaseHeld(RuntimeError):
 
 class LeaseLost(RuntimeError):
     """This run's lease expired and another run took the campaign over: this run must stop."""
+
+
+def holds_lease(store: Store, campaign_id: int) -> bool:
+    """Whether this process holds campaign ``campaign_id``'s lease as :data:`PROCESS_OWNER`
+    (inside :func:`campaign_lease`)."""
+    with _HELD_LOCK:
+        return (store.url, campaign_id) in _HELD
 
 
 def pid_alive(pid: int) -> bool:
@@ -151,6 +162,10 @@ def campaign_lease(
     beat.start()
     status: str | None = None
     message: str | None = None
+    held = (store.url, campaign_id)
+    if owner == PROCESS_OWNER:  # the owner id this process's label claims are made under
+        with _HELD_LOCK:
+            _HELD.add(held)
     try:
         yield lease
     except BaseException as exc:
@@ -160,6 +175,8 @@ def campaign_lease(
         message = one_line(exc)
         raise
     finally:
+        with _HELD_LOCK:
+            _HELD.discard(held)
         beat.stop()
         try:
             store.release_lease(campaign_id, owner, status, message)

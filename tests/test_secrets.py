@@ -117,7 +117,7 @@ def test_password_is_absent_from_store_prefect_and_logs(tmp_path, postgres_db_ur
     cid = store.get_or_create_campaign(cfg.name, cfg.model_dump(mode="json"))
     calculator, params_hash = labeller_identity(cfg.labeller)
     ingest_sources.fn(cfg.store, cid, cfg.seeds, "seed", calculator, params_hash)
-    assert _label(cfg.store, cid, cfg) is None
+    assert _label(cfg.store, cid, cfg, cfg.name) is None
     assert store.label_counts(cid).get("done") == len(store.structure_ids(cid, role="seed"))
     # the import flow, through the CLI, with the URL on the command line
     _labelled_file(tmp_path / "d.extxyz")

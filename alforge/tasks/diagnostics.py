@@ -78,7 +78,7 @@ def hessian_record(hessian: Hessian) -> dict:
     }
 
 
-@task(name="diagnostics", tags=["diagnostics"], cache_policy=NO_CACHE)
+@task(name="diagnostics", tags=["alforge", "step:diagnostics"], cache_policy=NO_CACHE)
 def diagnostics(
     store_url: str, campaign_id: int, model_id: int, candidate_ids: list[int], cfg: UncertaintyConfig
 ) -> dict:
@@ -104,4 +104,10 @@ def diagnostics(
         residuals = model_energies(store_url, model_id, test_ids) - ref
         variances = hessian.variance(structure_features(store_url, model_id, test_ids))
         out["calibration"] = calibration_report(residuals, variances)
+        # per structure, for the iteration's calibration plot (σ with the α² just fitted)
+        out["calibration_points"] = {
+            "structure_ids": [int(i) for i in test_ids],
+            "abs_error": np.abs(residuals).tolist(),
+            "sigma": np.sqrt(out["calibration"]["alpha2"] * variances).tolist(),
+        }
     return out

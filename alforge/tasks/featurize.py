@@ -43,7 +43,7 @@ def ensure_features(store_url: str, model_id: int, structure_ids: list[int]) -> 
     return len(todo)
 
 
-@task(name="featurize", tags=["featurize"], cache_policy=NO_CACHE)
+@task(name="featurize", tags=["alforge", "step:featurize"], cache_policy=NO_CACHE)
 def featurize(store_url: str, model_id: int, structure_ids: list[int], with_training_set: bool = False) -> int:
     """Features of ``structure_ids`` and, if asked, of the model's own training set (selectors
     build ``H`` from it); returns how many structures were computed."""

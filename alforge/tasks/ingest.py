@@ -26,7 +26,7 @@ from alforge.tasks.common import open_store
 IMPORTED = "import"
 
 
-@task(name="ingest", tags=["ingest"], cache_policy=NO_CACHE)
+@task(name="ingest", tags=["alforge", "step:ingest"], cache_policy=NO_CACHE)
 def ingest_sources(
     store_url: str,
     campaign_id: int,
@@ -95,7 +95,7 @@ def _ingested(store: Store, campaign_id: int, workdir: str, source: StructureSou
     return store.count_structures(campaign_id, role="candidate", source=POOL) >= recorded["pool_total"]
 
 
-@task(name="ingest-pool", tags=["ingest"], cache_policy=NO_CACHE)
+@task(name="ingest-pool", tags=["alforge", "step:ingest"], cache_policy=NO_CACHE)
 def ingest_pool(
     store_url: str, campaign_id: int, sources: list[StructureSource], workdir: str, chunk_size: int = 1000
 ) -> int:

@@ -46,7 +46,7 @@ def labeller_identity(cfg: LabellerConfig) -> tuple[str, str]:
     return prov["code"], prov["params_hash"]
 
 
-@task(name="label", tags=["label"], cache_policy=NO_CACHE)
+@task(name="label", tags=["alforge", "step:label"], cache_policy=NO_CACHE)
 def label_structure(worker: WorkerContext, label_id: int, structure_id: int, cfg: LabellerConfig) -> str:
     """Compute and store one label; returns ``done``, ``failed``, ``quarantined`` or ``skipped``.
     Runs in any process: all it needs comes in ``worker`` (alforge/tasks/worker.py)."""
@@ -86,7 +86,7 @@ def label_structure(worker: WorkerContext, label_id: int, structure_id: int, cfg
     return "quarantined" if quarantine else record.status
 
 
-@task(name="label-outcomes", cache_policy=NO_CACHE)
+@task(name="label-outcomes", tags=["alforge", "step:label"], cache_policy=NO_CACHE)
 def label_outcomes(store_url: str, campaign_id: int) -> dict[str, int]:
     """Label counts by status, for the failure budget."""
     return open_store(store_url).label_counts(campaign_id)

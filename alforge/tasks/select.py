@@ -68,7 +68,7 @@ def _configured(cfg: SelectorConfig, seed: int, iteration_index: int, hessian: H
     return make_selector(cfg.name, **params)
 
 
-@task(name="select", tags=["select"], cache_policy=NO_CACHE)
+@task(name="select", tags=["alforge", "step:select"], cache_policy=NO_CACHE)
 def select_batch(
     store_url: str,
     campaign_id: int,

@@ -75,7 +75,7 @@ class EpochLog:
         self.progress.advance(1)
 
 
-@task(name="train", tags=["train"], cache_policy=NO_CACHE)
+@task(name="train", tags=["alforge", "step:train"], cache_policy=NO_CACHE)
 def train_model(
     store_url: str, campaign_id: int, iteration_id: int, params: MACEParams, workdir: str
 ) -> int:
@@ -119,7 +119,7 @@ def train_model(
     return model_id
 
 
-@task(name="train-committee", tags=["train"], cache_policy=NO_CACHE)
+@task(name="train-committee", tags=["alforge", "step:train"], cache_policy=NO_CACHE)
 def train_committee(store_url: str, model_id: int, size: int, params: MACEParams, workdir: str) -> list[str]:
     """Paths of the model's committee (itself first), training the missing members: same data,
     seeds ``params.seed + m``, each continuing from the previous iteration's member ``m``. Files
@@ -148,7 +148,7 @@ def train_committee(store_url: str, model_id: int, size: int, params: MACEParams
     return [str(store.model_file(model_id))] + [members[m] for m in range(1, size)]
 
 
-@task(name="evaluate", tags=["evaluate"], cache_policy=NO_CACHE)
+@task(name="evaluate", tags=["alforge", "step:evaluate"], cache_policy=NO_CACHE)
 def evaluate_model(store_url: str, campaign_id: int, model_id: int) -> dict[str, float]:
     """Errors on the held-out test set, stored with the model as ``test_*`` metrics."""
     from alforge.mlip.mace_model import evaluate
