@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +109,7 @@ def health(api_url: str, timeout: float = 5.0) -> bool:
     try:
         with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as resp:
             return json.loads(resp.read()) is True
-    except (OSError, ValueError, urllib.error.URLError):
+    except (OSError, ValueError):  # URLError is an OSError
         return False
 
 
@@ -199,20 +198,43 @@ def _forget(state: Path) -> None:
     _info_file(state).unlink(missing_ok=True)
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (non-zombie) process is left in process group ``pgid``."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if fields[0] != "Z" and int(fields[2]) == pgid:  # state, ppid, pgrp
+            return True
+    return False
+
+
 def stop_server(state: Path, timeout: float = 60.0) -> bool:
-    """Stop the server recorded in ``state``: SIGTERM to its process group, SIGKILL after ``timeout``.
-    Returns False when no server of ours was running (stale files are removed)."""
+    """Stop the server recorded in ``state``: SIGTERM to its process group (``prefect server start``
+    and the uvicorn it runs), SIGKILL to what is left after ``timeout``. A server whose leader died
+    but left children in its group (its port still taken) is stopped the same way; the group id is
+    the recorded pid, which Linux does not hand out again while the group exists. Returns False when
+    nothing of ours was running (stale files are removed)."""
     status = server_status(state)
-    if not status.running or status.pid is None:
+    pgid = status.pid  # it leads its own group (start_new_session), checked by _is_our_server
+    leftover = pgid is not None and not _alive(pgid) and _group_alive(pgid)
+    if pgid is None or not (status.running or leftover):
         _forget(state)
         return False
-    pgid = status.pid  # it leads its own group (start_new_session), checked by _is_our_server
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(status.pid) and time.monotonic() < deadline:
+    while _group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):  # whatever is left of the group: the leader or a child it started
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
     _forget(state)
     return True
