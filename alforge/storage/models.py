@@ -261,8 +261,9 @@ class ConfigVersion(Base):
 
 class TrainingEpoch(Base):
     """One epoch of a model's training (``epoch`` counts from 1): the mean training loss and the
-    validation errors of the EMA weights (None without a validation split), so a slow or diverging
-    training can be read back after the fact (``alforge status --json``)."""
+    validation errors of the EMA weights (None without a validation split) and the epoch's wall time
+    (the first one's includes building the model and its data), so a slow or diverging training can
+    be read back after the fact (``alforge status --json``)."""
 
     __tablename__ = "training_epochs"
     __table_args__ = (UniqueConstraint("model_id", "epoch"),)

@@ -45,9 +45,10 @@ def _discard(path: Path) -> None:
 class EpochLog:
     """``on_epoch`` of :func:`~alforge.mlip.mace_model.train_mace` for a task: one run-log line per
     epoch (marked :data:`~alforge.monitoring.DETAIL`: the UI shows it, the default console does not),
-    the ``<slug>-training`` progress bar, and the rows for the store's ``training_epochs``."""
+    the ``<slug>-training`` progress bar (if given), and the rows for the store's ``training_epochs``
+    (``seconds``: since the previous epoch ended, or, for the first, since this log was made)."""
 
-    def __init__(self, progress: Progress, what: str) -> None:
+    def __init__(self, progress: Progress | None, what: str) -> None:
         from prefect import get_run_logger
 
         self.progress = progress
@@ -71,8 +72,9 @@ class EpochLog:
         if row["valid_energy_rmse_per_atom"] is not None:
             text += f"  E-RMSE {1000 * row['valid_energy_rmse_per_atom']:.1f} meV/atom"
         self._logger.info(text + f"  ({row['seconds']:.1f} s)", extra=DETAIL)
-        self.progress.total = total  # a finetune runs fewer epochs than a training from scratch
-        self.progress.advance(1)
+        if self.progress is not None:
+            self.progress.total = total  # a finetune runs fewer epochs than a training from scratch
+            self.progress.advance(1)
 
 
 @task(name="train", tags=["alforge", "step:train"], cache_policy=NO_CACHE)
@@ -140,7 +142,10 @@ def train_committee(store_url: str, model_id: int, size: int, params: MACEParams
         out = _unique_model_path(workdir, f"iteration-{model.iteration_index:03d}.member-{m}")
         out.parent.mkdir(parents=True, exist_ok=True)
         seed = params.seed + m
-        result = train_mace(atoms, params.model_copy(update={"seed": seed}), out, init_model=previous.get(m))
+        log = EpochLog(None, f"iteration {model.iteration_index} committee member {m}")
+        result = train_mace(
+            atoms, params.model_copy(update={"seed": seed}), out, init_model=previous.get(m), on_epoch=log
+        )
         stored = store.add_committee_member(model_id, m, seed, str(out), result.metrics, sha256=file_sha256(out))
         if stored != str(out):
             _discard(out)
