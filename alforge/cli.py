@@ -277,10 +277,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     """A deployment of the campaign flow for one campaign file, on a process work pool."""
     from alforge import service
 
-    _prefect_defaults(args.debug)
     try:
         overrides = service.parse_overrides(args.set or [])
         api = service.resolve_api_url(service.state_dir(args.state))
+        _prefect_defaults(args.debug)
         dep = service.deploy_campaign(
             args.config_file, api=api, pool=args.pool, name=args.name, cron=args.cron, overrides=overrides
         )
