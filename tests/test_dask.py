@@ -1,8 +1,10 @@
-"""Labelling through Dask: the ``execution:`` section of a campaign file, and 8 labels computed by a
-local cluster of 2 worker processes, each stored once under the campaign lease's owner."""
+"""Labelling through Dask: the ``execution:`` section of a campaign file, 8 labels computed by a
+local cluster of 2 worker processes, each stored once under the campaign lease's owner, and a code
+started on a worker dying with the worker process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -121,3 +123,41 @@ def test_eight_labels_on_two_dask_worker_processes(tmp_path, prefect_harness):
     assert len(calls) == 8 and len({h for _, h in calls}) == 8, "the labeller ran once per structure"
     assert Counter(int(p) for p, _ in calls) == pids
     assert claims == {PROCESS_OWNER}, "workers claim labels as the campaign's owner, not as themselves"
+
+
+def _start_supervised_sleep() -> tuple[int, int, int]:
+    """On a Dask worker: start a code the way labellers do (alforge/lifetime.py's supervisor)."""
+    import subprocess
+    import time
+
+    import psutil
+
+    from alforge import lifetime
+
+    supervisor = subprocess.Popen(lifetime.supervised(["/usr/bin/sleep", "300"]), start_new_session=True)
+    while not (children := psutil.Process(supervisor.pid).children()):
+        time.sleep(0.05)
+    return os.getpid(), supervisor.pid, children[0].pid
+
+
+@pytest.mark.slow
+def test_a_code_dies_with_its_dask_worker_process():
+    import signal
+    import time
+
+    import psutil
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            worker_pid, supervisor, code = client.submit(_start_supervised_sleep).result(timeout=300)
+            try:
+                assert worker_pid != os.getpid() and psutil.Process(code).cmdline()[0] == "/usr/bin/sleep"
+                os.kill(worker_pid, signal.SIGKILL)
+                deadline = time.monotonic() + 60  # the supervisor polls every 0.25 s; a loaded machine is slow
+                while psutil.pid_exists(code) and psutil.Process(code).status() != psutil.STATUS_ZOMBIE:
+                    assert time.monotonic() < deadline, "the code outlived its worker process"
+                    time.sleep(0.1)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(supervisor, signal.SIGKILL)  # only if the test failed: the code's own group
