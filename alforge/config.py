@@ -323,7 +323,8 @@ class ExecutionConfig(_Strict):
         "labeller.concurrency for labels, exploration.walkers for MD"
     )
     cluster_kwargs: dict[str, Any] = Field(
-        {}, description="cluster: slurm: dask_jobqueue.SLURMCluster keywords (queue, cores, memory, walltime, ...)"
+        {}, description="cluster: slurm: dask_jobqueue.SLURMCluster keywords (queue, cores, memory, walltime, ...); "
+        "processes defaults to cores (one thread per worker process)"
     )
     adapt_kwargs: dict[str, Any] = Field(
         {}, description="scale the started cluster with cluster.adapt(**adapt_kwargs), e.g. {minimum: 0, maximum: 8}"

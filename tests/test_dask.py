@@ -63,7 +63,14 @@ def test_runner_per_execution_section(tmp_path):
     assert isinstance(make_task_runner(cfg, 3), ThreadPoolTaskRunner)
     slurm = make_task_runner(load_config(tiny_campaign(tmp_path, execution={**SLURM, "adapt_kwargs": {"maximum": 4}})), 3)
     assert isinstance(slurm, DaskTaskRunner) and slurm.cluster_class == "dask_jobqueue.SLURMCluster"
-    assert slurm.cluster_kwargs == SLURM["cluster_kwargs"] and slurm.adapt_kwargs == {"maximum": 4}
+    assert slurm.adapt_kwargs == {"maximum": 4}
+    from dask_jobqueue import SLURMCluster
+
+    # the job script SLURM would get (a scheduler starts here; no job is submitted before scaling)
+    with SLURMCluster(**slurm.cluster_kwargs, scheduler_options={"dashboard_address": None}) as cluster:
+        script = cluster.job_script()
+    assert "#SBATCH -p short" in script and "--mem=8G" in script
+    assert "--nthreads 1 " in script and "--nworkers 4 " in script, "one thread per worker process"
 
 
 def _labels_through(cfg, cid: int) -> list[str]:

@@ -114,9 +114,10 @@ def make_task_runner(cfg: CampaignConfig, max_workers: int) -> TaskRunner[Any]:
         }
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs, adapt_kwargs=adapt)
     _warn_without_server("cluster: slurm")
-    return DaskTaskRunner(
-        cluster_class="dask_jobqueue.SLURMCluster", cluster_kwargs=dict(ex.cluster_kwargs), adapt_kwargs=adapt
-    )
+    # one thread per worker process unless the user says otherwise: walkers in threads of one
+    # process would share torch's process-wide default dtype (alforge/flows/exploration.py)
+    kwargs = {"processes": ex.cluster_kwargs["cores"], **ex.cluster_kwargs}
+    return DaskTaskRunner(cluster_class="dask_jobqueue.SLURMCluster", cluster_kwargs=kwargs, adapt_kwargs=adapt)
 
 
 def _warn_without_server(where: str) -> None:
