@@ -176,16 +176,18 @@ def test_deployed_campaign_runs_on_a_worker_and_shows_in_the_ui(tmp_path, postgr
             tmp_path, store=postgres_db_url, stopping={"max_iterations": 1},
             seeds=[{"generate": {"element": "Cu", "a": 3.61, "count": 4, "rattle": 0.05, "seed": 1}}],
         )
-        deployed = _alforge("deploy", str(config), "--pool", "test-pool", "--set", "mlip.max_epochs=4", env=env)
+        deployed = _alforge("deploy", str(config), "--pool", "test-pool", "--set", "mlip.max_epochs=2", env=env)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         (dep,) = _api(f"{api}/deployments/filter", {})
         assert dep["name"] == "tiny" and dep["entrypoint"] == "alforge.flows.campaign.campaign_flow"
-        assert dep["parameters"] == {"config_path": str(config), "overrides": {"mlip.max_epochs": 4}}
+        assert dep["parameters"] == {"config_path": str(config), "overrides": {"mlip.max_epochs": 2}}
         assert "password" not in json.dumps(dep) and postgres_db_url not in json.dumps(dep)
 
         with open(worker_log, "wb") as log:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "alforge.cli", "worker", "--pool", "test-pool"], env=env, cwd=ROOT,
+                # polling every 2 s, not Prefect's 10 s: the run starts as soon as it is created
+                [sys.executable, "-m", "alforge.cli", "worker", "--pool", "test-pool"],
+                env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, cwd=ROOT,
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
         run = _api(f"{api}/deployments/{dep['id']}/create_flow_run", {})
