@@ -90,11 +90,8 @@ def _campaign_name(args: argparse.Namespace, required: bool) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from alforge.monitoring.terminal import ProgressDisplay, console_of, silence_third_party_warnings
-
-    if not args.verbose:
-        silence_third_party_warnings()  # before the irreps check below first imports e3nn
     from alforge.config import load_config
+    from alforge.monitoring.terminal import ProgressDisplay, console_of
     from alforge.sources import check_sources
 
     cfg = load_config(args.config_file)  # fail on a bad file before Prefect starts or a store exists
@@ -424,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     from alforge.storage.urls import StoreError
 
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        from alforge.monitoring.terminal import silence_third_party_warnings
+
+        silence_third_party_warnings()  # before anything imports e3nn (a campaign file's irreps check does)
     try:
         return args.func(args)
     except (ConfigError, SourceError, StoreError, KeyError) as exc:
