@@ -42,7 +42,7 @@ from alforge.storage.transactions import StoreRetryError, run_with_retries
 from alforge.storage.urls import StoreError
 from alforge.structure_hash import canonical_hash
 from conftest import TESTS, tiny_campaign
-from test_retry import _attempts_per_label, _kill, _start
+from test_retry import CLI, ENV, _attempts_per_label, _kill
 
 
 @pytest.fixture()
@@ -369,10 +369,14 @@ def test_a_postgresql_url_without_psycopg_names_the_extra(monkeypatch, capsys, u
 
 
 @pytest.mark.slow
-def test_two_campaigns_on_one_postgres_store_at_once(tmp_path, postgres_db_url):
+def test_two_campaigns_on_one_postgres_store_at_once(tmp_path, postgres_db_url, prefect_harness):
     """Two ``alforge run`` processes on two campaigns of one new PostgreSQL database (the same seed
     structures, so only the campaign tells them apart), three labelling threads each: both finish,
-    each campaign's structures and labels are its own, each label computed and stored once."""
+    each campaign's structures and labels are its own, each label computed and stored once. Both
+    report to the test harness's Prefect server (one server to start, not an ephemeral one each)."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(ENV, PREFECT_API_URL=PREFECT_API_URL.value())
     runs = {}
     for name in ("alpha", "beta"):
         (tmp_path / name).mkdir()
@@ -382,7 +386,9 @@ def test_two_campaigns_on_one_postgres_store_at_once(tmp_path, postgres_db_url):
             mlip={"max_epochs": 2},
             labeller={"name": "slow_emt:make", "kwargs": {"delay": 0.05, "log": str(log)}, "concurrency": 3},
         )
-        runs[name] = (_start("run", str(path), log=tmp_path / name / "run.log"), log)
+        with open(tmp_path / name / "run.log", "w") as out:
+            proc = subprocess.Popen([*CLI, "run", str(path)], env=env, stdout=out, stderr=subprocess.STDOUT)
+        runs[name] = (proc, log)
     try:
         for name, (proc, _) in runs.items():
             assert proc.wait(timeout=900) == 0, (tmp_path / name / "run.log").read_text()[-3000:]
