@@ -9,12 +9,14 @@ import json
 import os
 import threading
 from collections import Counter
+from dataclasses import asdict
 
 import pytest
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 
 from alforge.config import ConfigError, load_config
 from alforge.flows.execution import make_task_runner, worker_context
@@ -56,6 +58,9 @@ def test_a_password_in_the_store_url_never_goes_to_remote_workers(tmp_path, monk
     monkeypatch.setenv("AL_STORE", url)  # the reference form is what such workers get
     cfg = load_config(tiny_campaign(tmp_path, store="$env:AL_STORE", execution=remote))
     assert worker_context(cfg).store == "$env:AL_STORE"
+    monkeypatch.chdir(tmp_path)  # a relative SQLite path reaches workers made absolute
+    cfg = load_config(tiny_campaign(tmp_path, store="sqlite:///rel.db", execution={"task_runner": "dask", "cluster": "local"}))
+    assert worker_context(cfg).store == f"sqlite:///{tmp_path.resolve() / 'rel.db'}"
 
 
 def test_runner_per_execution_section(tmp_path):
@@ -87,10 +92,13 @@ def _labels_through(cfg, cid: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_eight_labels_on_two_dask_worker_processes(tmp_path, prefect_harness):
+def test_eight_labels_on_two_dask_worker_processes(tmp_path, postgres_db_url, prefect_harness):
+    """On PostgreSQL, the password in the campaign file: the workers get it from their environment,
+    never as a task argument."""
     log = tmp_path / "calls.log"
     cfg = load_config(tiny_campaign(
         tmp_path,
+        store=postgres_db_url,
         seeds=[{"generate": {"element": "Cu", "a": 3.61, "supercells": [[1, 1, 1], [2, 1, 1]], "count": 8,
                              "rattle": 0.05, "seed": 1}}],
         test=[],
@@ -102,6 +110,8 @@ def test_eight_labels_on_two_dask_worker_processes(tmp_path, prefect_harness):
     calculator, params_hash = labeller_identity(cfg.labeller)
     ingest_sources.fn(cfg.store, cid, cfg.seeds, "seed", calculator, params_hash)
     assert len(store.unfinished_labels(cid)) == 8
+    password = make_url(postgres_db_url).password
+    assert password and password not in json.dumps(asdict(worker_context(cfg)))
 
     claims: set[str] = set()  # owners of running labels' claims, seen while the batch runs
     done = threading.Event()
