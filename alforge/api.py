@@ -218,11 +218,15 @@ class Campaign:
         done = set(store.labelled_ids(cid, role=role))
         if labelled is not None:
             records = [r for r in records if (r["id"] in done) == labelled]
-        with_label = {int(a.info["alforge_id"]): a for a in store.get_labelled_atoms([r["id"] for r in records if r["id"] in done])}
-        without = {int(a.info["alforge_id"]): a for a in store.get_atoms([r["id"] for r in records if r["id"] not in done])}
+        ids = [r["id"] for r in records]
+        atoms_by_id = {
+            int(a.info["alforge_id"]): a
+            for a in [*store.get_labelled_atoms([i for i in ids if i in done]),
+                      *store.get_atoms([i for i in ids if i not in done])]
+        }  # fmt: skip
         out = []
         for record in records:
-            atoms = with_label[record["id"]] if record["id"] in with_label else without[record["id"]]
+            atoms = atoms_by_id[record["id"]]
             atoms.info.update({k: v for k, v in record.items() if k != "id" and v is not None})
             out.append(atoms)
         return out

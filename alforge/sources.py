@@ -60,7 +60,8 @@ def to_atoms(obj: object, where: str) -> Atoms:
             except ValueError as exc:  # e.g. a disordered structure
                 raise SourceError(f"{where}: pymatgen {type(obj).__name__} cannot become ASE Atoms: {exc}") from None
     if not isinstance(obj, Atoms):
-        kind = type(obj).__qualname__ if type(obj).__module__ == "builtins" else f"{type(obj).__module__}.{type(obj).__qualname__}"
+        kind = type(obj).__qualname__
+        kind = kind if type(obj).__module__ == "builtins" else f"{type(obj).__module__}.{kind}"
         raise SourceError(
             f"{where}: expected ASE Atoms or a pymatgen Structure/Molecule (a file is {{file: PATH}}), got {kind}"
         )
