@@ -13,6 +13,8 @@ from dataclasses import asdict
 
 import pytest
 from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 from sqlalchemy import func, select
@@ -78,8 +80,9 @@ def test_runner_per_execution_section(tmp_path):
     assert "--nthreads 1 " in script and "--nworkers 4 " in script, "one thread per worker process"
 
 
-def _labels_through(cfg, cid: int) -> list[str]:
-    """What the label-batch subflow does: every unfinished label as a task on the campaign's runner."""
+def _labels_through(cfg, cid: int) -> tuple[list[str], list[str]]:
+    """What the label-batch subflow does: every unfinished label as a task on the campaign's runner;
+    the outcomes, and the final states of the batch's task runs as the campaign's Prefect API has them."""
     todo = open_store(cfg.store).unfinished_labels(cid)
     worker = worker_context(cfg)
 
@@ -88,7 +91,12 @@ def _labels_through(cfg, cid: int) -> list[str]:
         futures = [label_structure.submit(worker, lid, sid, cfg.labeller) for lid, sid in todo]
         return [f.result() for f in futures]
 
-    return batch.with_options(task_runner=make_task_runner(cfg, cfg.labeller.concurrency))()
+    state = batch.with_options(task_runner=make_task_runner(cfg, cfg.labeller.concurrency))(return_state=True)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    return state.result(), [r.state_name for r in runs]
 
 
 @pytest.mark.slow
@@ -124,7 +132,7 @@ def test_eight_labels_on_two_dask_worker_processes(tmp_path, postgres_db_url, pr
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        statuses = _labels_through(cfg, cid)
+        statuses, task_states = _labels_through(cfg, cid)
     finally:
         done.set()
         watcher.join()
@@ -133,6 +141,7 @@ def test_eight_labels_on_two_dask_worker_processes(tmp_path, postgres_db_url, pr
         labels = s.execute(select(models.Label)).scalars().all()
         attempts = s.execute(select(func.count()).select_from(models.LabelAttempt)).scalar_one()
     assert statuses == ["done"] * 8 and [lb.status for lb in labels] == ["done"] * 8
+    assert task_states == ["Completed"] * 8, "the workers report their task runs to the campaign's Prefect API"
     assert len({lb.structure_id for lb in labels}) == 8 and attempts == 8, "each label stored once, one attempt"
     pids = Counter(json.loads(lb.metadata_json)["worker_pid"] for lb in labels)
     assert len(pids) == 2 and os.getpid() not in pids, f"labels ran in {dict(pids)}, campaign pid {os.getpid()}"
