@@ -4,7 +4,8 @@ Prefect records every flow run's parameters in its API (and shows them in its UI
 may carry a database password. So flows never take a URL: the campaign flow binds its campaign id
 to its store (:func:`bind_campaign`) and subflows take the id (:func:`campaign_store_url`); a flow
 that starts before a campaign exists takes :func:`store_handle`, the redacted URL of a store this
-process has opened. Tasks run in this process and may still take the URL itself.
+process has opened. Tasks that run in this process may still take the URL itself; label and MD
+walker tasks, which may run on a Dask worker, take a :class:`~alforge.tasks.worker.WorkerContext`.
 """
 
 from __future__ import annotations
