@@ -144,3 +144,19 @@ def test_figures_are_pngs_in_the_artifact_and_the_reports_folder(watched):
         assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.std() > 0
     reports = sorted(p.name for p in Path(watched["workdir"], "reports").iterdir())
     assert reports == [f"iteration-{k:03d}-{f}.png" for k in (1, 2) for f in ("calibration", "learning-curve", "parity")]
+
+
+def test_the_flow_refuses_a_campaign_another_run_owns(watched, tmp_path):
+    """Started by a worker while `alforge run` (here: another owner id) holds the campaign, the flow
+    stops at once naming the owner, and the campaign is left as it was."""
+    from alforge.flows.campaign import campaign_flow
+    from alforge.ownership import LeaseHeld, campaign_lease, holds_lease
+
+    store = watched["store"]
+    cid = store.campaign_id(NAME)
+    path = next(Path(watched["workdir"]).parent.parent.glob("campaign.yaml"))
+    with campaign_lease(store, cid, NAME, owner="another-run"):
+        assert not holds_lease(store, cid), "held by another owner id, not this process's"
+        with pytest.raises(LeaseHeld, match="is being run by pid"):
+            campaign_flow(str(path), {"name": NAME, "stopping.max_iterations": 2})
+    assert [c.status for c in store.campaigns() if c.name == NAME] == ["finished"]
