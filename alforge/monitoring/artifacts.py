@@ -8,8 +8,9 @@ history per artifact in the UI (every iteration adds a version):
 * ``<slug>-summary``: markdown, the latest iteration in words;
 * ``<slug>-learning-curve``: markdown embedding three PNGs as ``data:image/png;base64`` URIs — the
   learning curve, the force parity plot on the test set and the calibration plot σ vs |error|.
-  Prefect's UI renders markdown images from data URIs; an image artifact would need a URL the
-  browser can reach, and a worker's files are not one. The PNGs are also written to
+  Prefect's UI renders markdown images from data URIs (checked on Prefect 3.8.8's UI in headless
+  chromium: the artifact page shows the PNG); an image artifact would need a URL the browser can
+  reach, and a worker's files are not one. The PNGs are also written to
   ``<workdir>/reports/``.
 
 Everything comes from the store (model metrics, selections, the iteration summaries with their
