@@ -369,7 +369,7 @@ def test_a_postgresql_url_without_psycopg_names_the_extra(monkeypatch, capsys, u
 
 
 @pytest.mark.slow
-def test_two_campaigns_on_one_postgres_store_at_once(tmp_path, postgres_db_url, prefect_harness):
+def test_two_campaigns_on_one_postgres_store_at_once(tmp_path, postgres_server, postgres_db_url, prefect_harness):
     """Two ``alforge run`` processes on two campaigns of one new PostgreSQL database (the same seed
     structures, so only the campaign tells them apart), three labelling threads each: both finish,
     each campaign's structures and labels are its own, each label computed and stored once. Both
@@ -377,6 +377,8 @@ def test_two_campaigns_on_one_postgres_store_at_once(tmp_path, postgres_db_url, 
     from prefect.settings import PREFECT_API_URL
 
     env = dict(ENV, PREFECT_API_URL=PREFECT_API_URL.value())
+    server_log = postgres_server.root / "server.log"
+    log_start = server_log.stat().st_size
     runs = {}
     for name in ("alpha", "beta"):
         (tmp_path / name).mkdir()
@@ -395,6 +397,10 @@ def test_two_campaigns_on_one_postgres_store_at_once(tmp_path, postgres_db_url, 
     finally:
         for proc, _ in runs.values():
             _kill(proc)
+    with server_log.open("rb") as fh:
+        fh.seek(log_start)
+        server_said = fh.read().decode(errors="replace")
+    assert "deadlock detected" not in server_said, "retried, but the two campaigns must not lock each other"
 
     store = Store(postgres_db_url)
     try:
