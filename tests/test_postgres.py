@@ -351,7 +351,8 @@ def test_many_labelling_threads_share_the_pool(store):
 
 
 @pytest.mark.parametrize("url", ["postgresql+psycopg://alforge:s3cret@127.0.0.1:1/db",
-                                 "postgresql://alforge:s3cret@127.0.0.1:1/db"])
+                                 "postgresql://alforge:s3cret@127.0.0.1:1/db",
+                                 "postgres://alforge:s3cret@127.0.0.1:1/db"])
 def test_a_postgresql_url_without_psycopg_names_the_extra(monkeypatch, capsys, url):
     """psycopg is an extra: without it (an import that fails, as if it were not installed) a store
     on PostgreSQL is one line, through the API and the CLI, naming what to install."""

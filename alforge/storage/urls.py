@@ -12,8 +12,8 @@ the unresolved reference.
 
 :func:`open_engine` connects; with ``create=False`` (read-only commands) it refuses a database that
 is not already an alforge store instead of creating one, so a mistyped URL is named, not migrated.
-PostgreSQL's driver, psycopg, is the ``alforge[postgres]`` extra: a ``postgresql://`` URL without a
-driver means psycopg (SQLAlchemy's own default, psycopg2, is not what alforge installs), and a
+PostgreSQL's driver, psycopg, is the ``alforge[postgres]`` extra: a ``postgresql://`` (or
+``postgres://``) URL without a driver means psycopg (SQLAlchemy's own default, psycopg2, is not what alforge installs), and a
 PostgreSQL URL where psycopg is missing is one line naming the extra.
 """
 
@@ -110,7 +110,7 @@ def open_engine(url: str, *, create: bool = True) -> tuple[Engine, str]:
         database = parsed.database or ":memory:"
         if database == ":memory:" or not Path(database).is_file():
             raise StoreError(f"store {shown}: no such database file {database!r}; check --store/--config")
-    if parsed.drivername == "postgresql":
+    if parsed.drivername in ("postgresql", "postgres"):  # postgres://: Heroku's and docker images' spelling
         parsed = parsed.set(drivername="postgresql+psycopg")
     try:
         engine = make_engine(parsed)
