@@ -145,22 +145,24 @@ class Campaign:
         return f"Campaign({self.name!r}, file={str(self.path)!r})"
 
     # ------------------------------------------------------------------ running
-    def run(self, wait: bool = False, accept_changes: bool = False) -> dict[str, Any]:
+    def run(
+        self, wait: bool = False, accept_changes: bool = False, *, overrides: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Run or resume the campaign in this process, as ``alforge run`` does: every structure is
         checked before a store exists, then :func:`alforge.flows.campaign.campaign` runs it as the
         campaign's one owner (``wait``: wait for another owner to finish; ``accept_changes``: go on
-        with changed MLIP settings). Returns the flow's result: ``campaign``, ``iterations`` (their
-        summaries), ``stop_reason`` and ``paused`` (the labelling failure budget was exceeded)."""
+        with changed MLIP settings; ``overrides``: dotted keys over the file's settings for this run,
+        ``{"stopping.max_iterations": 1}``). Returns the flow's result: ``campaign``, ``iterations``
+        (their summaries), ``stop_reason`` and ``paused`` (the labelling failure budget was exceeded)."""
         from alforge.sources import check_sources
 
-        cfg = load_config(self.path)  # the device is checked now: this process trains
+        extra = dict(overrides) if overrides else None
+        cfg = load_config(self.path, overrides=extra)  # the device is checked now: this process trains
         check_sources(cfg.seeds, require_forces=True)
         check_sources([*cfg.test, *cfg.targets], require_forces=False)
         from alforge.flows.campaign import campaign
 
-        result = campaign(str(self.path), wait=wait, accept_changes=accept_changes)
-        self.config = cfg
-        return result
+        return campaign(str(self.path), overrides=extra, wait=wait, accept_changes=accept_changes)
 
     # ------------------------------------------------------------------ reading
     def store(self) -> "Store":

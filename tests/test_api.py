@@ -52,8 +52,9 @@ def api_run(tmp_path_factory, prefect_harness):
     config["mlip"].update({"max_epochs": 4, "finetune_epochs": 2})
     config["test"][0]["generate"]["count"] = 3
     config["exploration"]["steps"] = 9
+    config["stopping"]["max_iterations"] = 5  # the run's override wins: 2
     campaign = alforge.Campaign(config, directory=tmp / "notebook")
-    result = campaign.run()
+    result = campaign.run(overrides={"stopping.max_iterations": 2})
     return campaign, result, energy
 
 
