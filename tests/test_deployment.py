@@ -136,12 +136,16 @@ def test_deploy_and_worker_name_what_is_missing(tmp_path, monkeypatch, capsys):
     from alforge.cli import main
     from alforge.service import parse_overrides
 
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     config = tiny_campaign(tmp_path)
     state = str(tmp_path / "no-server")
-    for argv in (["deploy", str(config), "--state", state], ["worker", "--state", state]):
-        with pytest.raises(SystemExit, match="no Prefect server: set PREFECT_API_URL, or start one with `alforge server start`"):
-            main(argv)
+    # an earlier test's Prefect harness sets the API URL in the settings context, not the environment
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        for argv in (["deploy", str(config), "--state", state], ["worker", "--state", state]):
+            with pytest.raises(SystemExit, match="no Prefect server: set PREFECT_API_URL, or start one with `alforge server start`"):
+                main(argv)
     with pytest.raises(SystemExit, match="--set 'stopping': expected KEY=VALUE"):
         main(["deploy", str(config), "--set", "stopping", "--state", state])
     assert parse_overrides(["stopping.max_iterations=3", "selector.name=fps", "x.y=[1, 2]"]) == {
