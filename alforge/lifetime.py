@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -198,3 +199,18 @@ def handle_termination() -> None:
         _watcher.start()
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_signal)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host: it exists (one we may not signal exists too) and
+    is not a zombie, which a container's PID 1 may never reap."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no procfs: kill(0) is all we know

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
+from alforge.lifetime import pid_alive
 from alforge.storage.store import LEASE_SECONDS, LeaseInfo, Store
 
 log = logging.getLogger(__name__)
@@ -56,17 +57,6 @@ def holds_lease(store: Store, campaign_id: int) -> bool:
     (inside :func:`campaign_lease`)."""
     with _HELD_LOCK:
         return (store.url, campaign_id) in _HELD
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (one we may not signal exists too)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def holder_gone(lease: LeaseInfo) -> bool:

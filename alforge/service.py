@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alforge.lifetime import pid_alive
+
 DEFAULT_PORT = 4200
 DEFAULT_POOL = "alforge"
 #: The deployable campaign flow (contract C1), as a module path: it needs no copy of the source,
@@ -74,21 +76,6 @@ def _info_file(state: Path) -> Path:
     return state / "server.json"
 
 
-def _alive(pid: int) -> bool:
-    """The process exists and is not a zombie (a container's PID 1 may never reap it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no procfs: kill(0) is all we know
-
-
 def _is_our_server(pid: int) -> bool:
     """The PID still names the server we started (a reused PID is left alone): it leads its own
     process group and, where procfs exists, runs ``prefect server start``."""
@@ -127,7 +114,7 @@ def server_status(state: Path) -> ServerStatus:
         if not text.isdigit():
             raise ServiceError(f"{_pid_file(state)}: expected a process id, found {text[:40]!r}")
         pid = int(text)
-    running = pid is not None and _alive(pid) and _is_our_server(pid)
+    running = pid is not None and pid_alive(pid) and _is_our_server(pid)
     port = info.get("port")
     healthy = running and port is not None and health(f"http://127.0.0.1:{port}/api")
     return ServerStatus(state, pid, port, running, healthy)
@@ -225,7 +212,7 @@ def stop_server(state: Path, timeout: float = 60.0) -> bool:
     nothing of ours was running (stale files are removed)."""
     status = server_status(state)
     pgid = status.pid  # it leads its own group (start_new_session), checked by _is_our_server
-    leftover = pgid is not None and not _alive(pgid) and _group_alive(pgid)
+    leftover = pgid is not None and not pid_alive(pgid) and _group_alive(pgid)
     if pgid is None or not (status.running or leftover):
         _forget(state)
         return False
