@@ -7,7 +7,9 @@ Gauss–Newton Hessian of the loss the MACE model was trained with (``gauss_newt
 
 ``rigidity``: the :class:`~alforge.uncertainty.rigidity.Hessian`, PR / LPR / CPR and calibrated
 variances (METHODS §2). ``calibration``: α² (eqs. 26–27), ENCE, miscalibration area, NLL, Spearman,
-conformal (METHODS §8). ``blas_threads``: one-thread BLAS for small factorisations on shared machines.
+conformal (METHODS §8). ``enhancement``: :func:`lpr_enhancement`, the relative LPR gain of an atom
+when structures' rows join ``H`` (METHODS §5). ``blas_threads``: one-thread BLAS for small
+factorisations on shared machines.
 ``gauss_newton`` needs torch and mace, so its functions are exported lazily and importing the
 array-only modules stays fast.
 """
@@ -16,7 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from alforge.uncertainty.enhancement import lpr_enhancement
+
 __all__ = ["choose_regularizer", "loss_hessian", "loss_weights"]
+__all__ += ["lpr_enhancement"]  # array-only: imported eagerly, not through __getattr__
 
 
 def __getattr__(name: str) -> Any:
