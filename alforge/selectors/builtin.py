@@ -5,6 +5,7 @@ from alforge.selectors import (  # noqa: F401
     dopt,
     fps,
     label_mig,
+    lpr,
     mig,
     random_selector,
     target_aware,
