@@ -1,0 +1,203 @@
+"""PROBE (METHODS §6): the network on ragged batches, its loss, chunked attention, the reliability
+metrics against hand-made cases, the probe file, and a `probe` campaign end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from alforge.uncertainty import reliability as rel
+from alforge.uncertainty.probe import (
+    ProbeBackboneError,
+    ProbeConfig,
+    ProbeNet,
+    class_weights,
+    load_probe,
+    pad_batch,
+    probe_loss,
+    reliability_labels,
+    train_probe,
+)
+
+TINY = {"encoder_dims": (16, 16), "heads": 4, "embedding_dim": 12, "classifier_dims": (8,)}
+
+
+def _ragged(seed: int = 0, count: int = 6, dim: int = 5) -> tuple[list[np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(int(rng.integers(1, 9)), dim)) for _ in range(count)], rng.normal(size=count) * 3
+
+
+def _net(target: str = "energy", block: int = 1 << 24, dim: int = 5) -> ProbeNet:
+    torch.manual_seed(0)
+    return ProbeNet(ProbeConfig(in_dim=dim, target=target, attention_block=block, **TINY)).eval()
+
+
+@pytest.mark.parametrize("target", ["energy", "forces"])
+def test_padding_never_changes_the_output(target):
+    feats, energies = _ragged()
+    net = _net(target)
+    per_atom = (target == "forces", target == "forces", True)  # logits, embedding, importance
+    with torch.no_grad():
+        batch = net(*pad_batch(feats, energies, "cpu"))
+        for i, f in enumerate(feats):
+            alone, n = net(*pad_batch([f], energies[i : i + 1], "cpu")), len(f)
+            for got, want, atoms in zip(batch, alone, per_atom):
+                got, want = (got[i, :n], want[0, :n]) if atoms else (got[i], want[0])
+                assert torch.allclose(got, want, atol=1e-5), f"structure {i} ({n} atoms)"
+            assert torch.all(batch[2][i, n:] == 0), "no importance on padding"
+
+
+def test_importance_sums_to_one_and_follows_attention():
+    feats, energies = _ragged(1)
+    net = _net()
+    with torch.no_grad():
+        _, _, importance = net(*pad_batch(feats, energies, "cpu"))
+    sums = importance.sum(dim=1)
+    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-6)
+    # brute force for one structure: Σ_heads Σ_queries softmax(QKᵀ/√d) / (heads · n)
+    f = torch.as_tensor(feats[0], dtype=torch.float32)
+    with torch.no_grad():
+        x = net.encoder(f)
+        q, k, _ = net.attention.qkv(x).view(len(f), 3, 4, 4).permute(1, 2, 0, 3)
+        a = torch.softmax(q @ k.transpose(1, 2) / 2.0, dim=-1)
+    assert torch.allclose(importance[0, : len(f)], a.sum(dim=(0, 1)) / (4 * len(f)), atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["energy", "forces"])
+def test_chunked_attention_equals_one_block(target):
+    feats, energies = _ragged(2, count=4)
+    plain, chunked = _net(target), _net(target, block=4 * 8)  # one query per block at 8 atoms
+    chunked.load_state_dict(plain.state_dict())
+    args = pad_batch(feats, energies, "cpu")
+    with torch.no_grad():
+        for a, b in zip(plain(*args), chunked(*args)):
+            assert torch.allclose(a, b, atol=1e-6)
+    # with gradients (checkpointed blocks) the loss and its gradient agree as well
+    y = torch.tensor([0, 1, 1, 0]) if target == "energy" else torch.zeros(args[1].shape, dtype=torch.long)
+    grads = []
+    for net in (plain, chunked):
+        net.zero_grad()
+        logits, _, _ = net(*args)
+        probe_loss(logits, y, args[1].sum(dim=1), torch.ones(2), args[1]).backward()
+        grads.append(net.attention.qkv.weight.grad.clone())
+    assert torch.allclose(*grads, atol=1e-6)
+
+
+def test_loss_weighting_by_hand():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.5], [-1.0, 3.0]])
+    labels = torch.tensor([1, 1, 0])
+    n = torch.tensor([4, 9, 1])
+    w = class_weights(labels.numpy())
+    assert np.allclose(w, [3 / 2, 3 / 4]), "w_c = N / (2 N_c)"
+    expected = 0.0
+    for (a, b), y, k in zip(logits.tolist(), labels.tolist(), n.tolist()):
+        ce = -math.log(math.exp([a, b][y]) / (math.exp(a) + math.exp(b)))
+        expected += w[y] * ce / math.sqrt(k)
+    got = probe_loss(logits, labels, n, torch.as_tensor(w, dtype=torch.float32))
+    assert got.item() == pytest.approx(expected / 3, rel=1e-6)
+    # force variant: Σ_j over real atoms of each structure, / √n, mean over structures
+    atom_logits = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[0.0, 1.0], [9.0, 9.0]]])
+    atom_labels, mask = torch.tensor([[0, 1], [1, 0]]), torch.tensor([[True, True], [True, False]])
+    ce = -torch.log_softmax(atom_logits, dim=-1).gather(2, atom_labels[..., None])[..., 0]
+    want = ((ce[0, 0] + ce[0, 1]) / math.sqrt(2) + ce[1, 0]) / 2
+    got = probe_loss(atom_logits, atom_labels, mask.sum(dim=1), torch.ones(2), mask)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_labels_from_the_training_percentile():
+    labels, q = reliability_labels(np.array([0.1, -0.4, 0.2, 0.9, 0.3]))
+    assert q == pytest.approx(0.3) and labels.tolist() == [1, 0, 1, 0, 1]
+    with pytest.raises(ValueError, match="percentile"):
+        reliability_labels(np.ones(3), 100)
+
+
+def _learnable(seed: int = 0, count: int = 60, dim: int = 5):
+    """Structures whose error is large exactly when their first feature is high on average."""
+    rng = np.random.default_rng(seed)
+    feats = [rng.normal(size=(int(rng.integers(2, 7)), dim)) for _ in range(count)]
+    energies = rng.normal(size=count)
+    errors = np.array([abs(f[:, 0].mean()) * 0.01 + (0.5 if f[:, 0].mean() > 0 else 0.0) for f in feats])
+    return feats, energies, energies + errors
+
+
+def test_training_learns_a_separable_signal_and_round_trips(tmp_path):
+    feats, energies, ref = _learnable()
+    probe = train_probe(feats, energies, ref, max_epochs=60, lr=3e-3, batch_size=16, seed=1, device="cpu",
+                        backbone_sha256="a" * 64, **TINY)
+    assert probe.info["n_valid"] == 6 and probe.info["reliable_fraction"] == pytest.approx(0.5)
+    test_feats, test_e, test_ref = _learnable(seed=5, count=40)
+    out = probe.predict(test_feats, test_e)
+    labels = (np.abs(test_e - test_ref) <= probe.threshold).astype(int)
+    assert rel.roc_auc(labels, out.p_reliable) > 0.8
+    assert out.embedding.shape == (40, 12) and all(np.isclose(i.sum(), 1) for i in out.importance)
+    path = probe.save(tmp_path / "probe.pt")
+    again = load_probe(path, backbone_sha256="a" * 64)
+    assert np.allclose(again.predict(test_feats, test_e).p_reliable, out.p_reliable)
+    assert again.threshold == probe.threshold and again.config == probe.config
+    with pytest.raises(ProbeBackboneError, match="SHA-256"):
+        load_probe(path, backbone_sha256="b" * 64)
+    with pytest.raises(ValueError, match="dimension 4"):
+        probe.predict([np.zeros((3, 4))], [0.0])
+
+
+def test_training_is_seeded():
+    feats, energies, ref = _learnable(count=20)
+    a, b = (train_probe(feats, energies, ref, max_epochs=3, seed=3, device="cpu", **TINY) for _ in range(2))
+    assert np.array_equal(a.predict(feats, energies).p_reliable, b.predict(feats, energies).p_reliable)
+
+
+def test_force_variant_labels_atoms():
+    feats, energies, _ = _learnable(count=20)
+    force_errors = [np.abs(f[:, 0]) for f in feats]
+    probe = train_probe(feats, energies, force_errors=force_errors, target="forces", max_epochs=2, device="cpu", **TINY)
+    assert probe.threshold == pytest.approx(np.median(np.concatenate(force_errors)))
+    out = probe.predict(feats, energies)
+    assert [len(p) for p in out.atom_p_reliable] == [len(f) for f in feats]
+    assert np.allclose(out.p_reliable, [p.min() for p in out.atom_p_reliable])
+    with pytest.raises(ValueError, match="force_errors of structure 0"):
+        train_probe(feats, energies, force_errors=[e[:-1] for e in force_errors], target="forces", **TINY)
+
+
+# ---------------------------------------------------------------------------- metrics
+def test_binary_metrics_by_hand():
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 1])
+    yhat = np.array([1, 1, 0, 0, 0, 1, 0, 1])  # tp 3, fn 1, fp 1, tn 3
+    m = rel.binary_metrics(y, yhat)
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert m["mcc"] == pytest.approx((9 - 1) / math.sqrt(4 * 4 * 4 * 4))
+    assert m["f1"] == pytest.approx(6 / 8)
+    assert rel.binary_metrics(y, np.ones(8, int))["mcc"] == 0.0
+
+
+def test_auc_ece_brier_spearman_by_hand():
+    y = np.array([0, 0, 1, 1])
+    assert rel.roc_auc(y, np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    assert rel.roc_auc(y, np.array([0.5, 0.5, 0.5, 0.5])) == pytest.approx(0.5)
+    p = np.array([0.05, 0.15, 0.95, 0.55])
+    # bins [0,.1): p .05, y 0 → .05; [.1,.2): .15 vs 0 → .15; [.9,1]: .95 vs 1 → .05; [.5,.6): .55 vs 1 → .45
+    assert rel.expected_calibration_error(y, p) == pytest.approx((0.05 + 0.15 + 0.05 + 0.45) / 4)
+    report = rel.reliability_report(y, p, errors=np.array([3.0, 2.0, 0.1, 1.0]))
+    assert report["brier"] == pytest.approx(np.mean((p - y) ** 2))
+    assert report["spearman"] == pytest.approx(1.0)  # 1 − p ranks the errors exactly
+    rows = {r["cutoff"]: r for r in report["coverage_accuracy"]}
+    assert rows[0.5]["coverage"] == 1 and rows[0.5]["accuracy"] == 1
+    # confidence max(p, 1−p) = .95 .85 .95 .55: at 0.9 two kept, one each way
+    assert rows[0.9]["coverage"] == 0.5
+    assert rows[0.9]["mean_error_reliable"] == pytest.approx(0.1)
+    assert rows[0.9]["mean_error_unreliable"] == pytest.approx(3.0)
+
+
+def test_baselines_by_hand():
+    y = np.array([1, 1, 0, 0, 1])
+    assert rel.majority_baseline(y)["accuracy"] == pytest.approx(0.6)
+    assert rel.majority_baseline(y)["mcc"] == 0.0
+    energies = np.array([[0.0, 0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 8.0, 8.0, 3.0]])
+    n = np.array([1, 4, 4, 1, 1])
+    # σ = std(ddof 1)/√n = .707, .707, 2.83, 5.66, 2.12 → median 2.12: reliable = 1 1 0 0 1
+    out = rel.ensemble_std_baseline(y, energies, n, errors=np.array([0.1, 0.2, 0.9, 1.0, 0.3]))
+    assert out["accuracy"] == 1.0 and out["mcc"] == pytest.approx(1.0) and out["spearman"] > 0.8
+    with pytest.raises(ValueError, match="committee_energies"):
+        rel.ensemble_std_baseline(y, energies[:1], n, np.zeros(5))
