@@ -60,6 +60,7 @@ from alforge.mlip.params import MACEParams
 __all__ = [
     "EpochCallback",
     "TrainResult",
+    "TrainingErrorLog",
     "evaluate",
     "export_mace_model",
     "load_calculator",
@@ -109,6 +110,36 @@ class TrainResult:
     finetuned: bool = field(default=False)
     #: what was written to ``<model path>.training.json`` (:func:`read_training_settings`)
     training: dict = field(default_factory=dict)
+    #: the training errors of every epoch (:class:`TrainingErrorLog`), None only for results made
+    #: without training
+    errors: TrainingErrorLog | None = None
+
+
+#: Largest value a float16 holds; a larger error (a diverging first epoch) is stored as this.
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass
+class TrainingErrorLog:
+    """The error of every training sample in every epoch, as seen by that epoch's training pass.
+
+    Rows follow the training split in order (``training["train_indices"]`` of the result: atoms of
+    the first training structure first); column ``t`` is epoch ``t + 1``. ``forces[i, t] =
+    ‖F_ref,i − F̂_i‖₂`` (eV/Å) of atom ``i``, NaN for atoms of a structure without reference forces;
+    ``energy[s, t] = |E_ref,s − Ê_s|`` (eV, the whole structure's energy). The prediction is the one
+    the optimiser step of that batch used (current weights, not the EMA), i.e. the loss trajectory
+    LTAU (METHODS §7) integrates; a fine-tuning logs its own epochs only.
+
+    float16, so 2 bytes per atom-epoch and per structure-epoch: a few hundred epochs of 1e5 atoms
+    is tens of MB in memory, which is fine here; what the store keeps is summarised
+    (:func:`alforge.uncertainty.ltau.summarize_error_log`). Errors above float16's range are clipped
+    to :data:`FLOAT16_MAX`.
+    """
+
+    forces: np.ndarray
+    energy: np.ndarray
+    #: atoms of each training structure, in row order (so force rows can be split per structure)
+    atom_counts: np.ndarray
 
 
 # --------------------------------------------------------------------------- data conversion
@@ -599,7 +630,7 @@ def train_mace(
             if compute_stress
             else modules.WeightedEnergyForcesLoss(params.energy_weight, params.forces_weight)
         ).to(device)
-        history, best_epoch = _fit(
+        history, best_epoch, error_log = _fit(
             model, train_data, valid_data, loss_fn, params, epochs, device, compute_stress, on_epoch
         )
 
@@ -634,7 +665,8 @@ def train_mace(
     metrics["wall_time_s"] = time.perf_counter() - started
     log.info("trained %s (%s, %d epochs): %s", out_path, "finetune" if finetuned else "scratch", epochs, metrics)
     return TrainResult(
-        model_path=out_path, metrics=metrics, epochs=epochs, history=history, finetuned=finetuned, training=settings
+        model_path=out_path, metrics=metrics, epochs=epochs, history=history, finetuned=finetuned, training=settings,
+        errors=error_log,
     )
 
 
@@ -648,22 +680,35 @@ def _fit(
     device: str,
     compute_stress: bool,
     on_epoch: EpochCallback | None = None,
-) -> tuple[list[dict[str, float]], int]:
+) -> tuple[list[dict[str, float]], int, TrainingErrorLog]:
     """The training loop (mace's ``take_step``: AMSGrad Adam, grad clipping, EMA update per step).
 
     Leaves ``model`` holding the EMA weights of the epoch with the lowest validation loss (the last
-    epoch without validation data); returns the per-epoch history and that epoch's index.
+    epoch without validation data); returns the per-epoch history, that epoch's index and the
+    per-sample training errors of every epoch. Batches are drawn as mace's shuffled ``DataLoader``
+    draws them (the same sampler and generator), but as index lists, so each error lands on its
+    sample's row.
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, amsgrad=True)
     ema = ExponentialMovingAverage(model.parameters(), decay=params.ema_decay)
     generator = torch.Generator().manual_seed(params.seed)
-    train_loader = DataLoader(train_data, batch_size=params.batch_size, shuffle=True, generator=generator)
+    index_loader = torch.utils.data.DataLoader(
+        range(len(train_data)), batch_size=params.batch_size, shuffle=True, generator=generator, collate_fn=list
+    )
+    counts = np.array([int(d.positions.shape[0]) for d in train_data], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    error_log = TrainingErrorLog(
+        forces=np.empty((int(offsets[-1]), epochs), dtype=np.float16),
+        energy=np.empty((len(train_data), epochs), dtype=np.float16),
+        atom_counts=counts,
+    )
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_state = math.inf, epochs - 1, None
     for epoch in range(epochs):
         model.train()
         losses = []
-        for batch in train_loader:
+        for indices in index_loader:
+            batch = Batch.from_data_list([train_data[i] for i in indices], follow_batch=[None], exclude_keys=[None])
             batch = batch.to(device)
             optimizer.zero_grad(set_to_none=True)
             output = model(batch.to_dict(), training=True, compute_force=True, compute_stress=compute_stress)
@@ -673,6 +718,7 @@ def _fit(
             optimizer.step()
             ema.update()
             losses.append(loss.item())
+            _log_errors(error_log, epoch, indices, offsets, batch, output)
         row = {"epoch": float(epoch), "train_loss": float(np.mean(losses))}
         if not math.isfinite(row["train_loss"]):
             raise FloatingPointError(f"training loss became {row['train_loss']} at epoch {epoch}")
@@ -694,4 +740,19 @@ def _fit(
         ema.copy_to(model.parameters())
     else:
         model.load_state_dict(best_state)
-    return history, best_epoch
+    return history, best_epoch, error_log
+
+
+def _log_errors(
+    errors: TrainingErrorLog, epoch: int, indices: list[int], offsets: np.ndarray, batch: Batch, output: dict
+) -> None:
+    """Write one training batch's per-atom force-error norms and per-structure energy errors into
+    column ``epoch`` of ``errors`` (rows of the samples ``indices``; ``offsets``: first atom row of
+    each training structure)."""
+    with torch.no_grad():
+        force_err = torch.linalg.vector_norm(output["forces"].detach() - batch.forces, dim=1)
+        force_err[~(batch.forces_weight > 0)[batch.batch]] = math.nan
+        energy_err = torch.abs(output["energy"].detach() - batch.energy)
+    rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in indices])
+    errors.forces[rows, epoch] = np.minimum(force_err.cpu().numpy(), FLOAT16_MAX)
+    errors.energy[indices, epoch] = np.minimum(energy_err.cpu().numpy(), FLOAT16_MAX)

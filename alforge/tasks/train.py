@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -118,7 +119,25 @@ def train_model(
         _discard(out)  # the winner stored its own epochs
     else:
         store.add_training_epochs(model_id, log.rows)
+        store_training_errors(store, model_id, [ids[i] for i in result.training["train_indices"]], result)
     return model_id
+
+
+def store_training_errors(store: Any, model_id: int, train_ids: list[int], result: Any) -> None:
+    """Store the per-sample training errors of ``result`` (a :class:`~alforge.mlip.mace_model.
+    TrainResult`) for the model, as :func:`~alforge.uncertainty.ltau.summarize_error_log` compacts
+    them (at most 64 float16 columns: ≤ 130 bytes per atom however many epochs)."""
+    from alforge.storage.store import TrainingErrors
+    from alforge.uncertainty.ltau import summarize_error_log
+
+    log = result.errors
+    forces, form = summarize_error_log(log.forces)
+    energy, _ = summarize_error_log(log.energy)
+    store.put_training_errors(model_id, TrainingErrors(
+        structure_ids=np.asarray(train_ids, dtype=np.int64), atom_counts=log.atom_counts,
+        forces=forces, energy=energy, forces_last=log.forces[:, -1], energy_last=log.energy[:, -1],
+        n_epochs=log.forces.shape[1], form=form,
+    ))
 
 
 @task(name="train-committee", tags=["alforge", "step:train"], cache_policy=NO_CACHE)
