@@ -10,6 +10,9 @@ variances (METHODS §2). ``calibration``: α² (eqs. 26–27), ENCE, miscalibrat
 conformal (METHODS §8). ``enhancement``: :func:`lpr_enhancement`, the relative LPR gain of an atom
 when structures' rows join ``H`` (METHODS §5). ``blas_threads``: one-thread BLAS for small
 factorisations on shared machines.
+``ltau``: :class:`LTAU`, loss-trajectory uncertainty from the training-error log and a kNN lookup
+in embedding space (FAISS, imported when an index is built), with :func:`calibration_curve`
+(METHODS §7).
 ``gauss_newton`` needs torch and mace, so its functions are exported lazily and importing the
 array-only modules stays fast.
 """
@@ -19,9 +22,11 @@ from __future__ import annotations
 from typing import Any
 
 from alforge.uncertainty.enhancement import lpr_enhancement
+from alforge.uncertainty.ltau import LTAU, calibration_curve
 
 __all__ = ["choose_regularizer", "loss_hessian", "loss_weights"]
 __all__ += ["lpr_enhancement"]  # array-only: imported eagerly, not through __getattr__
+__all__ += ["LTAU", "calibration_curve"]  # array-only too
 
 
 def __getattr__(name: str) -> Any:
