@@ -124,3 +124,63 @@ def test_campaign_file_refuses_a_bad_strategy(tmp_path):
     assert "  selector" in message and "strategy" in message and "'spherical'" in message
     good = tiny_campaign(tmp_path, selector={"name": "lpr", "params": {"strategy": "periodic", "k": 4, "copies": 2}})
     assert load_config(good).selector.params["copies"] == 2
+
+
+def test_carving_stores_provenance_and_is_repeatable(tmp_path):
+    """The select step's carving (tasks/carve.py) on a hand-made selection: a centre of a 108-atom Cu
+    cell (two periodic copies) and a whole pick; a second run maps to the same ids."""
+    from ase.build import bulk
+
+    from alforge.selectors.base import Selection
+    from alforge.storage import Store
+    from alforge.tasks.carve import carve_centres, carved_in
+
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    cid = store.get_or_create_campaign("carve", {})
+    it = store.get_or_create_iteration(cid, 1)
+    large = bulk("Cu", "fcc", 3.61, cubic=True).repeat((3, 3, 3))
+    large.rattle(0.05, seed=1)
+    small = bulk("Cu", "fcc", 3.61, cubic=True)
+    candidates = store.add_structures(cid, [small, large], role="candidate", source="md", iteration_id=it)
+    selector = make_selector("lpr", strategy="periodic", copies=2, cutoff=2.6, buffer=1.0, max_atoms=8, seed=5)
+    result = Selection(np.array([1, 0]), np.array([0.1, 0.2]), info={"centres": [{"pick": 0, "atom": 7}], "whole": 1})
+    picked, scores, info = carve_centres(store, cid, it, None, candidates, result, selector)
+    carved = [i for i in picked if i != candidates[0]]
+    assert len(carved) == 2 and picked[2] == candidates[0], "pick order: the centre's copies, then the whole pick"
+    assert list(scores) == [0.1, 0.1, 0.2]
+    assert carved_in(store, cid, it) == set(carved)
+    records = {r["id"]: r for r in store.structure_records(cid, role="candidate")}
+    for sid, copy in zip(carved, [0, 1]):
+        rec = records[sid]
+        assert rec["source"] == "embedding" and rec["parent_id"] == candidates[1] and rec["iteration"] == 1
+        prov = rec["provenance"]
+        assert prov["strategy"] == "periodic" and prov["parent_center"] == 7 and prov["parent_id"] == candidates[1]
+        assert prov["copy"] == copy and prov["lpr"] == 0.1
+        assert prov["cutoff"] == 2.6 and prov["buffer"] == 1.0 and prov["center"] == 0
+        (atoms,) = store.get_atoms([sid])
+        assert len(atoms) < len(large) and atoms.pbc.all()
+    centres = info["carving"]["centres"]
+    assert centres == [{"parent_id": candidates[1], "atom": 7, "lpr": 0.1, "ids": carved, "discarded": 0}]
+    assert info["carving"]["discarded"] == 0 and info["whole"] == 1
+    again, _, _ = carve_centres(store, cid, it, None, candidates, result, selector)
+    assert again == picked and store.count_structures(cid) == 4, "a rerun carves the same structures"
+
+
+def test_carving_counts_discarded_structures(tmp_path):
+    """A contact distance no structure can meet: every copy is discarded and counted."""
+    from ase.build import bulk
+
+    from alforge.selectors.base import Selection
+    from alforge.storage import Store
+    from alforge.tasks.carve import carve_centres
+
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    cid = store.get_or_create_campaign("carve", {})
+    it = store.get_or_create_iteration(cid, 1)
+    large = bulk("Cu", "fcc", 3.61, cubic=True).repeat((3, 3, 3))
+    (pid,) = store.add_structures(cid, [large], role="candidate", source="md", iteration_id=it)
+    selector = make_selector("lpr", copies=2, cutoff=2.6, buffer=1.0, contact=3.0)
+    result = Selection(np.array([0]), np.array([0.1]), info={"centres": [{"pick": 0, "atom": 3}]})
+    picked, scores, info = carve_centres(store, cid, it, None, [pid], result, selector)
+    assert picked == [] and len(scores) == 0
+    assert info["carving"]["discarded"] == 2 and info["carving"]["centres"][0]["ids"] == []

@@ -53,6 +53,17 @@ def unphysical(atoms: Atoms, energy: float, start_energy: float, settings: MDSet
     return None
 
 
+def repeated(atoms: Atoms, supercell: tuple[int, int, int] | None) -> Atoms:
+    """``atoms`` repeated ``n1 × n2 × n3`` (a large cell for local active learning: METHODS §5).
+
+    Only a 3-D periodic structure is repeated; a cluster or slab has no images to repeat along every
+    axis and is returned as it is (so are all structures when ``supercell`` is None).
+    """
+    if supercell is None or not atoms.pbc.all():
+        return atoms
+    return atoms.repeat(tuple(int(n) for n in supercell))
+
+
 def run_walker(
     start: Atoms,
     calculator: Calculator,

@@ -63,6 +63,8 @@ class LocalRigiditySelector(Selector):
     name = "lpr"
     level = "atom"
     uses_hessian = True
+    #: the select step embeds this selector's centres and labels what it generates (tasks/carve.py)
+    carves = True
 
     def __init__(
         self,
