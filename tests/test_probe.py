@@ -201,3 +201,106 @@ def test_baselines_by_hand():
     assert out["accuracy"] == 1.0 and out["mcc"] == pytest.approx(1.0) and out["spearman"] > 0.8
     with pytest.raises(ValueError, match="committee_energies"):
         rel.ensemble_std_baseline(y, energies[:1], n, np.zeros(5))
+
+
+# ---------------------------------------------------------------------------- store, selector, MD check
+def test_probe_file_in_the_store_is_tied_to_its_backbone(tmp_path):
+    from alforge.storage import Store
+    from alforge.storage.model_files import ModelFileError, file_sha256
+
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    cid = store.get_or_create_campaign("c", {})
+    backbone = tmp_path / "m.model"
+    backbone.write_bytes(b"weights")
+    mid = store.add_model(cid, store.get_or_create_iteration(cid, 1), str(backbone), [], {}, sha256=file_sha256(backbone))
+    feats, energies, ref = _learnable(count=12)
+    probe = train_probe(feats, energies, ref, max_epochs=1, device="cpu", backbone_sha256=file_sha256(backbone), **TINY)
+    path = probe.save(tmp_path / "m.probe.pt")
+    assert store.aux_model_file(mid, "probe") is None
+    stored = store.add_aux_model(mid, "probe", str(path), file_sha256(path), file_sha256(backbone), {"percentile": 50})
+    assert stored == str(path)
+    assert store.add_aux_model(mid, "probe", "/elsewhere.pt", "0" * 64, "0" * 64, {}) == str(path), "first one stands"
+    assert store.aux_model(mid, "probe")["params"] == {"percentile": 50}
+    loaded = load_probe(store.aux_model_file(mid, "probe"), backbone_sha256=store.model(mid).sha256)
+    assert np.allclose(loaded.predict(feats, energies).p_reliable, probe.predict(feats, energies).p_reliable)
+    path.write_bytes(path.read_bytes() + b"x")
+    with pytest.raises(ModelFileError, match="SHA-256"):
+        store.aux_model_file(mid, "probe")
+    other = store.add_model(cid, store.get_or_create_iteration(cid, 2), str(backbone), [], {}, sha256="f" * 64)
+    store.add_aux_model(other, "probe", str(path), file_sha256(path), file_sha256(backbone), {})
+    with pytest.raises(ModelFileError, match="trained on a backbone"):
+        store.aux_model_file(other, "probe")
+    store.close()
+
+
+def test_probe_selector_ranks_by_unreliability():
+    from alforge.selectors import make_selector
+
+    selector = make_selector("probe")
+    p = np.array([0.9, 0.2, 0.6, 0.05, 0.45])
+    importance = [np.array([1.0]), np.array([0.2, 0.8]), np.array([1.0]), np.array([0.7, 0.3]), np.array([1.0])]
+    result = selector.select(np.zeros((5, 2)), 3, p_reliable=p, importance=importance)
+    assert result.indices.tolist() == [3, 1, 4]
+    assert np.allclose(result.scores, [0.95, 0.8, 0.55]) and result.info["top_atom"] == [0, 1, 0]
+    assert selector.informative(result.scores, 0.0) == 3
+    assert selector.informative(np.array([0.4, 0.6]), 0.0) == 1, "p_reliable ≥ 0.5 is not informative"
+    with pytest.raises(ValueError, match="p_reliable"):
+        selector.select(np.zeros((2, 2)), 1)
+    with pytest.raises(ValueError, match="percentile"):
+        make_selector("probe", percentile=0)
+
+
+def test_md_checks_chain_in_order():
+    from alforge.tasks.probe import chain_checks
+
+    calls = []
+
+    def never(atoms):
+        calls.append("never")
+
+    def always(atoms):
+        calls.append("always")
+        return "stop"
+
+    assert chain_checks(None, None) is None and chain_checks(None, never) is never
+    assert chain_checks(never, always, never)(None) == "stop" and calls == ["never", "always"]
+
+
+@pytest.mark.slow
+def test_probe_campaign_end_to_end(tmp_path, prefect_harness):
+    import json
+
+    from alforge.config import load_config
+    from alforge.flows.campaign import campaign
+    from alforge.storage import Store
+    from alforge.tasks.probe import ensure_probe
+    from conftest import tiny_campaign
+
+    path = tiny_campaign(
+        tmp_path,
+        name="sel-probe",
+        selector={"name": "probe", "batch_size": 2, "params": {"max_epochs": 3, "unreliable_above": 0.0}},
+        mlip={"max_epochs": 3, "finetune_epochs": 2},
+        exploration={"walkers": 2, "steps": 9, "frame_interval": 3, "probe_min_reliable": 0.01},
+    )
+    result = campaign(str(path))
+    assert not result["paused"]
+    cfg = load_config(path)
+    store = Store(cfg.store)
+    cid = store.campaign_id("sel-probe")
+    it1, it2 = store.iterations(cid)
+    sel = store.selection_for_iteration(it1.id)
+    assert sel["selector"] == "probe" and 1 <= len(sel["picked_ids"]) <= 2
+    assert set(sel["picked_ids"]) <= set(store.labelled_ids(cid, role="candidate"))
+    assert np.all(np.diff(sel["scores"]) <= 0) and np.all((sel["scores"] >= 0) & (sel["scores"] <= 1))
+    assert sel["params"]["max_epochs"] == 3
+    for it in (it1, it2):
+        evaluation = json.loads(it.summary_json)["diagnostics"]["probe"]
+        assert evaluation["probe"]["n"] == 4 and 0 <= evaluation["probe"]["accuracy"] <= 1
+        assert len(evaluation["probe"]["coverage_accuracy"]) == 10 and "majority" in evaluation
+    m1 = store.models(cid)[0]
+    row = store.aux_model(m1.id, "probe")
+    assert row["backbone_sha256"] == m1.sha256 and row["params"]["max_epochs"] == 3
+    again = ensure_probe(cfg.store, m1.id, max_epochs=3)  # reused, not retrained
+    assert store.aux_model(m1.id, "probe")["path"] == row["path"] and again.threshold == row["params"]["threshold"]
+    assert len(list((tmp_path / "runs").rglob("*.probe-*.pt"))) == len(store.models(cid))

@@ -110,4 +110,8 @@ def diagnostics(
             "abs_error": np.abs(residuals).tolist(),
             "sigma": np.sqrt(out["calibration"]["alpha2"] * variances).tolist(),
         }
+    from alforge.tasks.probe import campaign_probe_settings, probe_evaluation
+
+    if (probe := campaign_probe_settings(store, campaign_id)) is not None:  # METHODS §6, with baselines
+        out["probe"] = probe_evaluation(store_url, campaign_id, model_id, probe)
     return out
