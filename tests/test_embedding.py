@@ -181,6 +181,7 @@ def test_copies_differ_only_in_buffer_atoms(strategy):
     (lambda: (si_rattled(), 17), 227, "Fd-3m"),
     (cu_vacancy, 225, "Fm-3m"),
     (lambda: (bulk("Fe", "bcc", 2.87, cubic=True).repeat(4), 5), 229, "Im-3m"),
+    (lambda: (bulk("Ti", "hcp", 2.95, c=4.68).repeat((4, 4, 3)), 7), 194, "P6_3/mmc"),
 ])
 @pytest.mark.parametrize("buffer", [0.0, DEFAULT_BUFFER])
 def test_high_symmetry_host(make, number, symbol, buffer):
