@@ -119,3 +119,79 @@ def test_calibration_curve_by_hand() -> None:
     assert loose.tolerance == pytest.approx(1.0) and loose.observed[9] == 1.0
     with pytest.raises(ValueError, match="same non-zero length"):
         calibration_curve(p, errors[:3], atol=0.1)
+
+
+def test_ltau_selector_reduces_per_structure_and_ranks() -> None:
+    from alforge.selectors import make_selector
+
+    atom_p = np.array([0.1, 0.9, 0.2, 0.3, 0.4, 0.5, 0.0])
+    groups = np.array([0, 0, 1, 1, 1, 2, 2])  # max: 0.9, 0.4, 0.5; mean: 0.5, 0.3, 0.25
+    by_max = make_selector("ltau").select(np.zeros((3, 1)), 2, atom_p=atom_p, groups=groups, train_scores=[0.2, 0.6])
+    assert by_max.indices.tolist() == [0, 2] and np.allclose(by_max.scores, [0.9, 0.5])
+    assert by_max.info["train_score_quantiles"]["0.5"] == pytest.approx(0.4)
+    by_mean = make_selector("ltau", reduce="mean").select(np.zeros((3, 1)), 3, atom_p=atom_p, groups=groups)
+    assert by_mean.indices.tolist() == [0, 1, 2] and np.allclose(by_mean.scores, [0.5, 0.3, 0.25])
+    selector = make_selector("ltau", uncertain_above=0.4)
+    assert selector.informative(np.array([0.9, 0.5, 0.4]), None) == 2
+    assert selector.informative(np.array([0.9, 0.5, 0.4]), 0.45) == 2
+    assert selector.informative(np.array([0.9, 0.5, 0.4]), 0.95) == 0
+    with pytest.raises(ValueError, match="needs atom_p"):
+        selector.select(np.zeros((3, 1)), 1)
+    with pytest.raises(ValueError, match="at least one atom"):
+        selector.select(np.zeros((4, 1)), 1, atom_p=atom_p, groups=groups)
+    with pytest.raises(ValueError, match="reduce must be"):
+        make_selector("ltau", reduce="sum")
+
+
+@pytest.mark.slow
+def test_ltau_campaign_end_to_end(tmp_path, prefect_harness):
+    """A campaign selecting with ``ltau`` and stopping walkers on it; then the stored pieces it used
+    (training-error log, features) reproduce a walker's check and the selection's scores."""
+    from alforge.config import load_config
+    from alforge.flows.campaign import campaign
+    from alforge.mlip.features import compute_features
+    from alforge.mlip.mace_model import load_model
+    from alforge.storage import Store
+    from alforge.tasks.featurize import INVARIANT
+    from alforge.tasks.ltau import campaign_ltau_settings, fitted_ltau, ltau_check
+    from conftest import tiny_campaign
+
+    path = tiny_campaign(
+        tmp_path,
+        name="sel-ltau",
+        selector={"name": "ltau", "batch_size": 2, "params": {"k": 3, "reduce": "max"}},
+        mlip={"max_epochs": 3, "finetune_epochs": 2},
+        exploration={"walkers": 2, "steps": 9, "frame_interval": 3, "ltau_max": 0.999},
+    )
+    result = campaign(str(path))
+    assert not result["paused"]
+    store = Store(load_config(path).store)
+    cid = store.campaign_id("sel-ltau")
+    it1, _ = store.iterations(cid)
+    m1, m2 = store.models(cid)
+    for model, epochs in ((m1, 3), (m2, 2)):  # the fine-tuned model logs its own 2 epochs
+        errors = store.training_errors(model.id)
+        assert errors.form == "epochs" and errors.n_epochs == epochs and errors.forces.shape[1] == epochs
+        assert set(errors.structure_ids.tolist()) <= set(model.train_ids.tolist())
+    sel = store.selection_for_iteration(it1.id)
+    assert sel["selector"] == "ltau" and 1 <= len(sel["picked_ids"]) <= 2
+    assert set(sel["picked_ids"]) <= set(store.labelled_ids(cid, role="candidate"))
+    assert np.all(np.diff(sel["scores"]) <= 0) and np.all((sel["scores"] >= 0) & (sel["scores"] <= 1))
+    # the selection's scores again, from the stored log and features alone (brute-force kNN)
+    errors = store.training_errors(m1.id)
+    train = np.concatenate(store.get_features(m1.id, INVARIANT, errors.structure_ids.tolist()))
+    train_z = np.concatenate([a.numbers for a in store.get_atoms(errors.structure_ids.tolist())])
+    p_i = exceedance(errors.forces, errors.forces_last.astype(np.float64).mean())
+    picked = sel["picked_ids"].tolist()
+    for sid, score in zip(picked, sel["scores"]):
+        (query,) = store.get_features(m1.id, INVARIANT, [sid])
+        _, order = _brute_knn(train, query.astype(np.float32), 3)  # one element (Cu): one index
+        assert score == pytest.approx(p_i[order].mean(axis=1).max(), abs=1e-6)
+    assert set(train_z.tolist()) == {29}
+    # a walker's frame check agrees with the fitted LTAU
+    fitted = fitted_ltau(store, m1.id, campaign_ltau_settings(store, cid))
+    (frame,) = store.get_atoms(picked[:1])
+    p = fitted.predict(compute_features(store.model_file(m1.id), [frame], device="cpu")[0].invariant, frame.numbers)
+    model = load_model(store.model_file(m1.id), "cpu")
+    assert ltau_check(model, fitted, 0.999, device="cpu")(frame) is None or p.max() > 0.999
+    assert ltau_check(model, fitted, float(p.max()) * 0.5, device="cpu")(frame).startswith("LTAU p = ")
