@@ -212,7 +212,8 @@ def test_probe_file_in_the_store_is_tied_to_its_backbone(tmp_path):
     cid = store.get_or_create_campaign("c", {})
     backbone = tmp_path / "m.model"
     backbone.write_bytes(b"weights")
-    mid = store.add_model(cid, store.get_or_create_iteration(cid, 1), str(backbone), [], {}, sha256=file_sha256(backbone))
+    digest = file_sha256(backbone)
+    mid = store.add_model(cid, store.get_or_create_iteration(cid, 1), str(backbone), [], {}, sha256=digest)
     feats, energies, ref = _learnable(count=12)
     probe = train_probe(feats, energies, ref, max_epochs=1, device="cpu", backbone_sha256=file_sha256(backbone), **TINY)
     path = probe.save(tmp_path / "m.probe.pt")
@@ -304,3 +305,54 @@ def test_probe_campaign_end_to_end(tmp_path, prefect_harness):
     again = ensure_probe(cfg.store, m1.id, max_epochs=3)  # reused, not retrained
     assert store.aux_model(m1.id, "probe")["path"] == row["path"] and again.threshold == row["params"]["threshold"]
     assert len(list((tmp_path / "runs").rglob("*.probe-*.pt"))) == len(store.models(cid))
+    # the force variant and the ensemble-std baseline on the same store: one extra committee member
+    from alforge.mlip.mace_model import train_mace
+    from alforge.mlip.params import MACEParams
+    from alforge.storage.model_files import file_sha256
+    from alforge.tasks.probe import probe_evaluation
+
+    member = tmp_path / "member1.model"
+    params = MACEParams(num_channels=8, max_L=0, mlp_irreps="8x0e", max_epochs=2, batch_size=4, seed=1)
+    train_mace(store.get_labelled_atoms([int(i) for i in m1.train_ids]), params, member)
+    store.add_committee_member(m1.id, 1, 1, str(member), {}, sha256=file_sha256(member))
+    energy = probe_evaluation(cfg.store, cid, m1.id, {"max_epochs": 3})
+    assert energy["ensemble_std"]["members"] == 2 and energy["ensemble_std"]["n"] == 4
+    forces = probe_evaluation(cfg.store, cid, m1.id, {"target": "forces", "max_epochs": 2})
+    test_atoms = sum(len(a) for a in store.get_atoms(store.labelled_ids(cid, role="test")))
+    assert forces["target"] == "forces" and forces["probe"]["n"] == test_atoms, "scored per atom"
+    assert store.aux_model(m1.id, "probe_forces")["backbone_sha256"] == m1.sha256
+
+
+@pytest.mark.slow
+def test_md_walker_stops_below_the_reliability_cutoff(tmp_path):
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from alforge.exploration.md import MDSettings, run_walker
+    from alforge.mlip.features import compute_features
+    from alforge.mlip.mace_model import load_calculator, load_model, train_mace
+    from alforge.mlip.params import MACEParams
+    from alforge.tasks.probe import probe_check
+
+    train = []
+    for k in range(8):
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+        atoms.rattle(0.05, seed=k)
+        atoms.calc = EMT()
+        atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
+        train.append(atoms)
+    path = tmp_path / "m.model"
+    train_mace(train, MACEParams(num_channels=8, max_L=0, mlp_irreps="8x0e", max_epochs=2, batch_size=4), path)
+    feats = compute_features(path, train)
+    probe = train_probe([f.invariant for f in feats], [f.energy for f in feats],
+                        [a.get_potential_energy() for a in train], max_epochs=1, device="cpu", **TINY)
+    model = load_model(path)
+    p = probe.predict([feats[0].invariant], [feats[0].energy]).p_reliable[0]
+    assert probe_check(model, probe, min_reliable=p * 0.999)(train[0]) is None
+    assert "p_reliable" in probe_check(model, probe, min_reliable=min(p * 1.001, 0.999999))(train[0])
+    settings = MDSettings(temperature_K=300, timestep_fs=1.0, steps=6, frame_interval=3,
+                          friction_per_fs=0.01, min_distance=1.5, max_energy_change=10.0)
+    start = train[0].copy()
+    traj = run_walker(start, load_calculator(path), settings, seed=0, extra_check=probe_check(model, probe, 0.999999))
+    assert traj.stop_reason.startswith("step 3: PROBE p_reliable") and traj.frames == []
