@@ -13,6 +13,10 @@ factorisations on shared machines.
 ``ltau``: :class:`LTAU`, loss-trajectory uncertainty from the training-error log and a kNN lookup
 in embedding space (FAISS, imported when an index is built), with :func:`calibration_curve`
 (METHODS §7).
+``probe``: PROBE (METHODS §6), :func:`train_probe` → :class:`Probe` (``predict`` → ``p_reliable``, the
+256-d embedding, per-atom attention importance; ``save``/:func:`load_probe` tied to the backbone's
+SHA-256); ``reliability``: its metrics (accuracy, MCC, F1, ROC-AUC, ECE, Brier, coverage–accuracy)
+and the ensemble-std and majority-class baselines.
 ``gauss_newton`` needs torch and mace, so its functions are exported lazily and importing the
 array-only modules stays fast.
 """
