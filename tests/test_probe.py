@@ -69,12 +69,18 @@ def test_importance_sums_to_one_and_follows_attention():
 @pytest.mark.parametrize("target", ["energy", "forces"])
 def test_chunked_attention_equals_one_block(target):
     feats, energies = _ragged(2, count=4)
-    plain, chunked = _net(target), _net(target, block=4 * 8)  # one query per block at 8 atoms
+    plain, chunked = _net(target), _net(target, block=4 * 8)  # below batch × heads × n: one query a block
     chunked.load_state_dict(plain.state_dict())
     args = pad_batch(feats, energies, "cpu")
+    shapes = []
+    attend = chunked.attention._attend
+    chunked.attention._attend = lambda q, *rest: shapes.append(q.shape) or attend(q, *rest)
     with torch.no_grad():
         for a, b in zip(plain(*args), chunked(*args)):
             assert torch.allclose(a, b, atol=1e-6)
+    n_max = args[1].shape[1]
+    assert [s[2] for s in shapes] == [1] * n_max, "one query per block: batch × heads × 1 × n scores at a time"
+    del chunked.attention._attend
     # with gradients (checkpointed blocks) the loss and its gradient agree as well
     y = torch.tensor([0, 1, 1, 0]) if target == "energy" else torch.zeros(args[1].shape, dtype=torch.long)
     grads = []
