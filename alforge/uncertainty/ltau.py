@@ -191,6 +191,11 @@ class LTAU:
             self._indices[key] = _Index(vectors[rows], rows, kind)
         return self
 
+    @property
+    def index_kinds(self) -> dict[int | None, str]:
+        """The kind of index (``flat`` or ``hnsw``) per element (``None``: one index for all)."""
+        return {key: index.kind for key, index in self._indices.items()}
+
     @staticmethod
     def _groups(elements: np.ndarray | None, n: int) -> dict[int | None, np.ndarray]:
         if elements is None:
