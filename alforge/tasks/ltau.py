@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ase import Atoms
@@ -26,6 +26,9 @@ from ase import Atoms
 from alforge.tasks.common import open_store
 from alforge.tasks.featurize import INVARIANT, ensure_features
 from alforge.uncertainty.ltau import LTAU
+
+if TYPE_CHECKING:
+    from alforge.storage import Store
 
 __all__ = [
     "LTAU_SETTINGS",
@@ -62,7 +65,7 @@ class FittedLTAU:
         return self.ltau.predict(embeddings, elements=numbers if self.per_element else None)
 
 
-def campaign_ltau_settings(store: Any, campaign_id: int) -> dict[str, Any]:
+def campaign_ltau_settings(store: Store, campaign_id: int) -> dict[str, Any]:
     """The LTAU settings of the campaign's latest config: the ``ltau`` selector's, else the defaults."""
     config = json.loads(store.config_versions(campaign_id)[-1].config_json)
     selector = config.get("selector") or {}
@@ -86,7 +89,7 @@ _CACHE: dict[tuple, FittedLTAU] = {}
 _LOCK = threading.Lock()
 
 
-def fitted_ltau(store: Any, model_id: int, settings: dict[str, Any]) -> FittedLTAU:
+def fitted_ltau(store: Store, model_id: int, settings: dict[str, Any]) -> FittedLTAU:
     """The model's LTAU for ``settings`` (:data:`LTAU_SETTINGS` keys), fitted from the store's
     training-error log and invariant features (see :func:`ensure_ltau_inputs`), cached per process."""
     full = {k: settings.get(k, default) for k, default in LTAU_SETTINGS.items()}
@@ -102,7 +105,7 @@ def fitted_ltau(store: Any, model_id: int, settings: dict[str, Any]) -> FittedLT
     return fitted
 
 
-def _fit(store: Any, model_id: int, settings: dict[str, Any]) -> FittedLTAU:
+def _fit(store: Store, model_id: int, settings: dict[str, Any]) -> FittedLTAU:
     errors = store.training_errors(model_id)
     if errors is None:
         raise RuntimeError(f"model {model_id} has no stored training errors (see ensure_ltau_inputs)")
@@ -166,7 +169,7 @@ def ltau_check(model: Any, fitted: FittedLTAU, ltau_max: float, device: str = "a
 
 
 def walker_ltau_check(
-    store: Any, campaign_id: int, model_id: int, model_file: Path, ltau_max: float
+    store: Store, campaign_id: int, model_id: int, model_file: Path, ltau_max: float
 ) -> Callable[[Atoms], str | None]:
     """The walker's LTAU check with the campaign's settings, from the store (the exploration plan
     has made sure the training structures' features are there: :func:`ensure_ltau_inputs`)."""

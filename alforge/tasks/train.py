@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prefect import task
@@ -16,6 +16,10 @@ from alforge.monitoring import DETAIL, slug
 from alforge.monitoring.progress import Progress
 from alforge.storage.model_files import file_sha256
 from alforge.tasks.common import open_store
+
+if TYPE_CHECKING:
+    from alforge.mlip.mace_model import TrainResult
+    from alforge.storage import Store
 
 TRAINING_ROLES = ("seed", "candidate")
 
@@ -123,10 +127,10 @@ def train_model(
     return model_id
 
 
-def store_training_errors(store: Any, model_id: int, train_ids: list[int], result: Any) -> None:
-    """Store the per-sample training errors of ``result`` (a :class:`~alforge.mlip.mace_model.
-    TrainResult`) for the model, as :func:`~alforge.uncertainty.ltau.summarize_error_log` compacts
-    them (at most 64 float16 columns: ≤ 130 bytes per atom however many epochs)."""
+def store_training_errors(store: Store, model_id: int, train_ids: list[int], result: TrainResult) -> None:
+    """Store the per-sample training errors of ``result`` for the model (``train_ids``: its fitted
+    structures, in training order), as :func:`~alforge.uncertainty.ltau.summarize_error_log`
+    compacts them: at most 64 float16 columns, so ≤ 130 bytes per atom however many epochs."""
     from alforge.storage.store import TrainingErrors
     from alforge.uncertainty.ltau import summarize_error_log
 
