@@ -38,7 +38,7 @@ def test_supercell_setting_is_checked(tmp_path):
 
 
 @pytest.mark.slow
-def test_lpr_campaign_carves_labels_and_stiffens(tmp_path, prefect_harness):
+def test_lpr_campaign_carves_labels_and_stiffens(tmp_path, prefect_harness, monkeypatch):
     from alforge.flows.campaign import campaign
     from alforge.mlip.features import compute_features
     from alforge.storage import Store
@@ -57,7 +57,8 @@ def test_lpr_campaign_carves_labels_and_stiffens(tmp_path, prefect_harness):
     )
     result = campaign(str(path))
     assert not result["paused"]
-    url = load_config(path).store
+    cfg = load_config(path)
+    url = cfg.store
     store = Store(url)
     cid = store.campaign_id("lpr-carve")
     it1, _ = store.iterations(cid)
@@ -100,3 +101,27 @@ def test_lpr_campaign_carves_labels_and_stiffens(tmp_path, prefect_harness):
     # the model's features of a 500-atom cell
     (feats,) = compute_features(store.model_file(m2.id), [bulk("Cu", "fcc", 3.61, cubic=True).repeat((5, 5, 5))])
     assert feats.last_layer.shape == (500, h2.dim) and np.all(np.isfinite(feats.last_layer))
+
+    # a select step interrupted after carving, before its selection was stored, carves nothing new
+    from alforge.tasks.label import labeller_identity
+    from alforge.tasks.select import select_batch
+
+    it3 = store.get_or_create_iteration(cid, 3)
+    cell = bulk("Cu", "fcc", 3.61, cubic=True).repeat((3, 3, 3))
+    cell.rattle(0.1, seed=4)
+    store.add_structures(cid, [cell], role="candidate", source="md", iteration_id=it3)
+    ensure_features(url, m2.id, store.candidate_pool_ids(cid, it3))
+    args = (url, cid, it3, m2.id, cfg.selector, *labeller_identity(cfg.labeller), cfg.uncertainty, cfg.seed)
+
+    def crash(*_, **__):
+        raise RuntimeError("killed before the selection was stored")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Store, "add_selection", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            select_batch.fn(*args)
+    count = store.count_structures(cid, source="embedding")
+    first = select_batch.fn(*args)
+    assert store.count_structures(cid, source="embedding") == count, "the rerun carved the same structures"
+    assert select_batch.fn(*args)["picked"] == first["picked"], "a stored selection is reused"
+    assert first["n_candidates"] == 1
