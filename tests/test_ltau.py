@@ -3,6 +3,8 @@ recall, per-element indices, the calibration curve; and an ``ltau`` campaign end
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -153,7 +155,7 @@ def test_ltau_campaign_end_to_end(tmp_path, prefect_harness):
     from alforge.mlip.mace_model import load_model
     from alforge.storage import Store
     from alforge.tasks.featurize import INVARIANT
-    from alforge.tasks.ltau import campaign_ltau_settings, fitted_ltau, ltau_check
+    from alforge.tasks.ltau import campaign_ltau_settings, campaign_uses_ltau, fitted_ltau, ltau_check, ltau_evaluation
     from conftest import tiny_campaign
 
     path = tiny_campaign(
@@ -195,3 +197,10 @@ def test_ltau_campaign_end_to_end(tmp_path, prefect_harness):
     model = load_model(store.model_file(m1.id), "cpu")
     assert ltau_check(model, fitted, 0.999, device="cpu")(frame) is None or p.max() > 0.999
     assert ltau_check(model, fitted, float(p.max()) * 0.5, device="cpu")(frame).startswith("LTAU p = ")
+    # the per-iteration evaluation on the 4 labelled test cells
+    assert campaign_uses_ltau(store, cid)
+    evaluation = ltau_evaluation(load_config(path).store, cid, m1.id, campaign_ltau_settings(store, cid))
+    assert evaluation["n_atoms"] == sum(len(a) for a in store.get_atoms(store.labelled_ids(cid, role="test")))
+    assert 0 <= evaluation["ece"] <= 1 and sum(evaluation["curve"]["counts"]) == evaluation["n_atoms"]
+    assert evaluation["atol"] == pytest.approx(float(errors.forces_last.astype(np.float64).mean()))
+    json.dumps(evaluation, allow_nan=False)

@@ -34,10 +34,12 @@ __all__ = [
     "LTAU_SETTINGS",
     "FittedLTAU",
     "campaign_ltau_settings",
+    "campaign_uses_ltau",
     "ensure_ltau_inputs",
     "fitted_ltau",
     "ltau_check",
     "ltau_context",
+    "ltau_evaluation",
     "walker_ltau_check",
 ]
 
@@ -71,6 +73,14 @@ def campaign_ltau_settings(store: Store, campaign_id: int) -> dict[str, Any]:
     selector = config.get("selector") or {}
     params = selector.get("params", {}) if selector.get("name") == "ltau" else {}
     return {k: params.get(k, default) for k, default in LTAU_SETTINGS.items()}
+
+
+def campaign_uses_ltau(store: Store, campaign_id: int) -> bool:
+    """Whether the campaign's latest config selects with ``ltau`` or stops walkers on it."""
+    config = json.loads(store.config_versions(campaign_id)[-1].config_json)
+    return (config.get("selector") or {}).get("name") == "ltau" or (
+        (config.get("exploration") or {}).get("ltau_max") is not None
+    )
 
 
 def ensure_ltau_inputs(store_url: str, model_id: int) -> None:
@@ -177,3 +187,43 @@ def walker_ltau_check(
 
     fitted = fitted_ltau(store, model_id, campaign_ltau_settings(store, campaign_id))
     return ltau_check(load_model(model_file), fitted, ltau_max)
+
+
+def ltau_evaluation(store_url: str, campaign_id: int, model_id: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """METHODS §7 on the campaign's labelled test set (atoms with reference forces): the calibration
+    curve of confidence ``1 − p`` against the fraction of atoms whose force error is within ``atol``
+    (``s`` = 1), its ECE, and Spearman of ``p`` with the per-atom force-error norm."""
+    from alforge.mlip.mace_model import load_calculator
+    from alforge.uncertainty.calibration import spearman
+    from alforge.uncertainty.ltau import calibration_curve
+
+    store = open_store(store_url)
+    all_test = store.labelled_ids(campaign_id, role="test")
+    test_ids = [i for i, a in zip(all_test, store.get_labelled_atoms(all_test)) if a.calc.results.get("forces") is not None]
+    if not test_ids:
+        return {"n_atoms": 0, "reason": "no labelled test structure with reference forces"}
+    ensure_ltau_inputs(store_url, model_id)
+    ensure_features(store_url, model_id, test_ids)
+    fitted = fitted_ltau(store, model_id, settings)
+    labelled = store.get_labelled_atoms(test_ids)
+    p = fitted.predict(np.concatenate(store.get_features(model_id, INVARIANT, test_ids)),
+                       np.concatenate([a.numbers for a in labelled]))
+    calc = load_calculator(store.model_file(model_id))
+    errors = []
+    for atoms in labelled:
+        work = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        work.calc = calc
+        errors.append(np.linalg.norm(atoms.get_forces() - work.get_forces(), axis=1))
+    error = np.concatenate(errors)
+    curve = calibration_curve(p, error, fitted.ltau.atol_)
+    return {
+        "n_atoms": int(p.size), "atol": fitted.ltau.atol_, "k": fitted.ltau.k, "mean_p": float(p.mean()),
+        "ece": curve.ece, "spearman": spearman(error, p) if np.ptp(p) > 0 and np.ptp(error) > 0 else None,
+        "curve": {"confidence": _finite(curve.confidence), "observed": _finite(curve.observed),
+                  "counts": curve.counts.tolist()},
+    }
+
+
+def _finite(values: np.ndarray) -> list[float | None]:
+    """JSON-safe: empty bins (NaN) as None."""
+    return [float(v) if np.isfinite(v) else None for v in values]
