@@ -277,3 +277,53 @@ class TrainingEpoch(Base):
     valid_energy_rmse_per_atom: Mapped[float | None] = mapped_column(Float, nullable=True)
     valid_forces_rmse: Mapped[float | None] = mapped_column(Float, nullable=True)
     seconds: Mapped[float] = mapped_column(Float)
+
+
+class TrainingErrors(Base):
+    """A model's per-sample training errors over its epochs (METHODS §7, LTAU), one row per model.
+
+    ``structure_ids`` (int64 bytes) are the training split in row order and ``atom_counts`` (int64
+    bytes) their sizes, so force rows map to atoms. ``forces`` (n_atoms × columns) and ``energy``
+    (n_structures × columns) are raw ``dtype`` bytes (:mod:`alforge.storage.arrays`); ``form`` says
+    what the columns are: ``epochs`` (the log itself, one column per epoch) or ``quantiles`` (each
+    sample's error quantiles over its ``n_epochs`` epochs, see
+    :func:`alforge.uncertainty.ltau.summarize_error_log`). ``forces_last``/``energy_last`` are the
+    final epoch's errors (the default LTAU tolerance is their mean).
+    """
+
+    __tablename__ = "training_errors"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), unique=True)
+    form: Mapped[str] = mapped_column(String(20))
+    n_epochs: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(10))
+    structure_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    atom_counts: Mapped[bytes] = mapped_column(LargeBinary)
+    forces_shape: Mapped[str] = mapped_column(String(40))
+    forces: Mapped[bytes] = mapped_column(LargeBinary)
+    energy_shape: Mapped[str] = mapped_column(String(40))
+    energy: Mapped[bytes] = mapped_column(LargeBinary)
+    forces_last: Mapped[bytes] = mapped_column(LargeBinary)
+    energy_last: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuxModel(Base):
+    """A small model trained on a backbone model's features (``kind``: ``probe``, ``probe_forces``:
+    METHODS §6), one per (model, kind). Like model files, its file is never replaced and is loaded
+    only after its SHA-256 matches ``sha256``; ``backbone_sha256`` is the backbone file's hash it
+    was trained on, ``params_json`` its training settings, ``metrics_json`` its training record."""
+
+    __tablename__ = "aux_models"
+    __table_args__ = (UniqueConstraint("model_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    backbone_sha256: Mapped[str] = mapped_column(String(64))
+    params_json: Mapped[str] = mapped_column(Text)
+    metrics_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from alforge.storage import arrays, models
 from alforge.storage.atoms_codec import atoms_to_columns, canonical_hash, columns_to_atoms
-from alforge.storage.model_files import verified_model_file
+from alforge.storage.model_files import ModelFileError, verified_model_file
 from alforge.storage.schema import upgrade
 from alforge.storage.transactions import unit_of_work
 from alforge.storage.urls import open_engine
@@ -69,6 +69,24 @@ class ModelInfo:
     parent_model_id: int | None = None
     #: SHA-256 of the file at ``path`` when it was stored (None: stored before hashes were recorded)
     sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainingErrors:
+    """A model's per-sample training errors (:meth:`Store.put_training_errors`): ``forces``
+    (n_atoms × columns) and ``energy`` (n_structures × columns), rows in the order of
+    ``structure_ids`` (the training split; ``atom_counts`` atoms each); ``form`` ``epochs`` (one
+    column per epoch) or ``quantiles`` (each row's error quantiles over ``n_epochs`` epochs);
+    ``forces_last``/``energy_last`` the final epoch's errors."""
+
+    structure_ids: np.ndarray
+    atom_counts: np.ndarray
+    forces: np.ndarray
+    energy: np.ndarray
+    forces_last: np.ndarray
+    energy_last: np.ndarray
+    n_epochs: int
+    form: str
 
 
 #: Default lifetime (s) of a campaign lease and of the label claims made under it; the owner's
@@ -994,6 +1012,62 @@ class Store:
             )
             return [{k: getattr(r, k) for k in self.EPOCH_FIELDS} for r in rows]
 
+    @unit_of_work
+    def put_training_errors(self, model_id: int, errors: TrainingErrors) -> None:
+        """Store a model's training errors (float16 unless given otherwise), replacing earlier ones.
+        Shapes must agree: one force row per atom of ``atom_counts``, one energy row per structure."""
+        n_structures, n_atoms = len(errors.structure_ids), int(np.sum(errors.atom_counts))
+        expected = {  # name: (array, rows, dimensions)
+            "atom_counts": (errors.atom_counts, n_structures, 1),
+            "forces": (errors.forces, n_atoms, 2),
+            "energy": (errors.energy, n_structures, 2),
+            "forces_last": (errors.forces_last, n_atoms, 1),
+            "energy_last": (errors.energy_last, n_structures, 1),
+        }
+        for name, (array, rows, ndim) in expected.items():
+            shape = np.shape(array)
+            if len(shape) != ndim or shape[0] != rows:
+                raise ValueError(f"training errors of model {model_id}: {name} has shape {shape}, expected "
+                                 f"{ndim} dimension(s) with {rows} rows (structures: {n_structures}, atoms: {n_atoms})")
+        if errors.form not in ("epochs", "quantiles"):
+            raise ValueError(f"training errors of model {model_id}: form {errors.form!r}, expected 'epochs' or 'quantiles'")
+        dtype = errors.forces.dtype.newbyteorder("<").str
+        forces, _, forces_shape = arrays.encode(errors.forces, dtype)
+        energy, _, energy_shape = arrays.encode(errors.energy, dtype)
+        with self.session() as s, s.begin():
+            s.execute(delete(models.TrainingErrors).where(models.TrainingErrors.model_id == model_id))
+            s.add(
+                models.TrainingErrors(
+                    model_id=model_id, form=errors.form, n_epochs=int(errors.n_epochs), dtype=dtype,
+                    structure_ids=arrays.pack(errors.structure_ids, "<i8"),
+                    atom_counts=arrays.pack(errors.atom_counts, "<i8"),
+                    forces_shape=forces_shape, forces=forces, energy_shape=energy_shape, energy=energy,
+                    forces_last=arrays.pack(errors.forces_last, dtype),
+                    energy_last=arrays.pack(errors.energy_last, dtype),
+                    created_at=_now(),
+                )
+            )
+
+    @unit_of_work
+    def training_errors(self, model_id: int) -> TrainingErrors | None:
+        """The model's stored training errors, or ``None`` (trained before they were logged)."""
+        with self.session() as s:
+            row = s.scalars(select(models.TrainingErrors).where(models.TrainingErrors.model_id == model_id)).first()
+            if row is None:
+                return None
+            ids = _ids(row.structure_ids)
+            counts = np.frombuffer(row.atom_counts, dtype="<i8").copy()
+            return TrainingErrors(
+                structure_ids=ids,
+                atom_counts=counts,
+                forces=arrays.decode(row.forces, row.dtype, row.forces_shape),
+                energy=arrays.decode(row.energy, row.dtype, row.energy_shape),
+                forces_last=arrays.unpack(row.forces_last, (int(counts.sum()),), row.dtype),
+                energy_last=arrays.unpack(row.energy_last, (len(ids),), row.dtype),
+                n_epochs=row.n_epochs,
+                form=row.form,
+            )
+
     def learning_curve(self, campaign_id: int) -> list[dict[str, Any]]:
         """One row per iteration with a model: the labels it was trained on and its test errors.
 
@@ -1154,6 +1228,61 @@ class Store:
                 "n_structures": row.n_structures,
                 "created_at": row.created_at,
             }
+
+    # ---------------------------------------------------------------- auxiliary models (PROBE)
+    @unit_of_work
+    def add_aux_model(
+        self,
+        model_id: int,
+        kind: str,
+        path: str,
+        sha256: str,
+        backbone_sha256: str,
+        params: dict[str, Any],
+        metrics: dict[str, Any] | None = None,
+    ) -> str:
+        """Store the model's auxiliary model of ``kind`` (``path`` never replaced, with its
+        ``sha256`` and the backbone file's ``backbone_sha256``); returns the path the store holds
+        for it, another run's if that stored one first (the caller then removes its own file)."""
+        values = {
+            "model_id": model_id, "kind": kind, "path": path, "sha256": sha256, "backbone_sha256": backbone_sha256,
+            "params_json": json.dumps(params, default=str), "metrics_json": json.dumps(metrics) if metrics else None,
+            "created_at": _now(),
+        }
+        with self.session() as s, s.begin():
+            self._insert_ignoring_conflict(s, models.AuxModel, values)
+            return s.scalar(
+                select(models.AuxModel.path).where(models.AuxModel.model_id == model_id, models.AuxModel.kind == kind)
+            )
+
+    @unit_of_work
+    def aux_model(self, model_id: int, kind: str) -> dict[str, Any] | None:
+        """``{path, sha256, backbone_sha256, params, metrics, created_at}`` of (model, kind), or ``None``."""
+        with self.session() as s:
+            row = s.scalars(
+                select(models.AuxModel).where(models.AuxModel.model_id == model_id, models.AuxModel.kind == kind)
+            ).first()
+            if row is None:
+                return None
+            return {
+                "path": row.path, "sha256": row.sha256, "backbone_sha256": row.backbone_sha256,
+                "params": json.loads(row.params_json), "metrics": json.loads(row.metrics_json or "{}"),
+                "created_at": row.created_at,
+            }
+
+    def aux_model_file(self, model_id: int, kind: str) -> Path | None:
+        """The (model, kind) auxiliary model's file once its SHA-256 is the stored one and it was
+        trained on this model's file (:class:`ModelFileError` otherwise); ``None`` if there is none."""
+        row = self.aux_model(model_id, kind)
+        if row is None:
+            return None
+        backbone = self.model(model_id).sha256
+        if row["backbone_sha256"] != backbone:
+            raise ModelFileError(
+                f"{kind} of model {model_id}: trained on a backbone with SHA-256 {row['backbone_sha256']}, "
+                f"but the model's file has {backbone}; it is not loaded"
+            )
+        return verified_model_file(row["path"], row["sha256"], f"{kind} of model {model_id}")
 
     # ---------------------------------------------------------------- selections
     @unit_of_work
