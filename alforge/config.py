@@ -26,6 +26,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     ValidationError,
     ValidationInfo,
     field_serializer,
@@ -174,6 +175,16 @@ class ExplorationConfig(_Strict):
     )
     gamma_hi: float | None = Field(
         None, gt=1, description="stop when the MaxVol extrapolation grade of a frame exceeds this (METHODS §3)"
+    )
+    probe_min_reliable: float | None = Field(
+        None, gt=0, lt=1, description="stop a walker at a frame whose PROBE p_reliable is below this (METHODS §6)"
+    )
+    ltau_max: float | None = Field(
+        None, gt=0, lt=1, description="stop a walker at a frame whose largest atom LTAU p exceeds this (METHODS §7)"
+    )
+    supercell: tuple[PositiveInt, PositiveInt, PositiveInt] | None = Field(
+        None, description="repeat each walker's periodic start structure n1 × n2 × n3 before MD: large cells "
+        "(e.g. ≥ 500 atoms) whose least rigid environments the lpr selector carves"
     )
 
     @field_validator("temperatures")

@@ -6,7 +6,9 @@ from alforge.selectors import (  # noqa: F401
     fps,
     label_mig,
     lpr,
+    ltau,
     mig,
+    probe,
     random_selector,
     target_aware,
 )

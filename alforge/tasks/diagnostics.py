@@ -114,4 +114,8 @@ def diagnostics(
 
     if (probe := campaign_probe_settings(store, campaign_id)) is not None:  # METHODS §6, with baselines
         out["probe"] = probe_evaluation(store_url, campaign_id, model_id, probe)
+    from alforge.tasks.ltau import campaign_ltau_settings, campaign_uses_ltau, ltau_evaluation
+
+    if campaign_uses_ltau(store, campaign_id):  # METHODS §7: calibration, ECE, Spearman on the test set
+        out["ltau"] = ltau_evaluation(store_url, campaign_id, model_id, campaign_ltau_settings(store, campaign_id))
     return out

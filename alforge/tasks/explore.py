@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from alforge.config import ExplorationConfig
-from alforge.exploration.md import MDSettings, run_walker
+from alforge.exploration.md import MDSettings, repeated, run_walker
 from alforge.tasks.common import open_store
 from alforge.tasks.featurize import atom_features, ensure_features
 from alforge.tasks.worker import WorkerContext
@@ -58,6 +58,14 @@ def plan_walkers(
         Walker(k, start, cfg.temperatures[k % len(cfg.temperatures)], int(rng.integers(2**31)))
         for k, start in enumerate(starts)
     ]
+    if cfg.probe_min_reliable is not None:  # trained once here; every walker loads it from the store
+        from alforge.tasks.probe import campaign_probe_settings, ensure_probe
+
+        ensure_probe(store_url, model_id, **campaign_probe_settings(store, campaign_id))
+    if cfg.ltau_max is not None:  # the training atoms' embeddings, read by every walker's LTAU check
+        from alforge.tasks.ltau import ensure_ltau_inputs
+
+        ensure_ltau_inputs(store_url, model_id)
     return ExplorationPlan(walkers, _active_sets(store_url, model_id) if cfg.gamma_hi is not None else None)
 
 
@@ -91,11 +99,22 @@ def run_md_walker(
     model_file = store.model_file(model_id)  # checked against its stored hash
     (atoms,) = store.get_atoms([walker.start_id])
     atoms.info.clear()
+    atoms = repeated(atoms, cfg.supercell)  # exploration.supercell: large cells for the lpr selector
     check = None
     if active_sets is not None and cfg.gamma_hi is not None:
         from alforge.exploration.extrapolation import gamma_check
 
         check = gamma_check(load_model(model_file), active_sets, cfg.gamma_hi)
+    if cfg.probe_min_reliable is not None:  # PROBE p_reliable below the cutoff stops the walker
+        from alforge.tasks.probe import chain_checks, walker_probe_check
+
+        probe = walker_probe_check(store, campaign_id, model_id, model_file, cfg.probe_min_reliable)
+        check = chain_checks(check, probe)
+    if cfg.ltau_max is not None:  # LTAU p above the cutoff stops the walker
+        from alforge.tasks.ltau import walker_ltau_check
+        from alforge.tasks.probe import chain_checks
+
+        check = chain_checks(check, walker_ltau_check(store, campaign_id, model_id, model_file, cfg.ltau_max))
     settings = MDSettings(
         temperature_K=walker.temperature_K,
         timestep_fs=cfg.timestep_fs,
@@ -106,13 +125,15 @@ def run_md_walker(
         max_energy_change=cfg.max_energy_change,
     )
     provenance = {"walker": walker.index, "model_id": model_id}
+    if cfg.supercell is not None:
+        provenance["supercell"] = list(cfg.supercell)
     traj = run_walker(atoms, load_calculator(model_file), settings, walker.seed, provenance, check)
     get_run_logger().info(
         "walker %d (T=%g K, from structure %d): %d steps, %d frames%s",
         walker.index, walker.temperature_K, walker.start_id, traj.steps_run, len(traj.frames),
         f", stopped: {traj.stop_reason}" if traj.stop_reason else "",
     )
-    keys = ("walker", "md_step", "temperature_K", "model_id")
+    keys = ("walker", "md_step", "temperature_K", "model_id", *(("supercell",) if cfg.supercell else ()))
     return store.add_structures(
         campaign_id, traj.frames, role="candidate", source="md", iteration_id=iteration_id,
         parent_ids=[walker.start_id] * len(traj.frames), provenance=[{k: f.info[k] for k in keys} for f in traj.frames],

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from alforge.config import SelectorConfig, UncertaintyConfig
 from alforge.selectors import get_selector_class, make_selector
 from alforge.selectors.base import Selector
+from alforge.tasks.carve import carve_centres, carved_in
 from alforge.tasks.common import open_store
 from alforge.tasks.featurize import (
     LAST_LAYER,
@@ -90,6 +91,9 @@ def select_batch(
         fresh = store.candidate_pool_ids(campaign_id, iteration_id)  # + the unlabelled fixed pool
         retry = store.failed_ids(campaign_id, role="candidate")
         candidates = [i for i in dict.fromkeys(fresh + retry) if i not in labelled]
+        if getattr(get_selector_class(cfg.name), "carves", False):  # a rerun never picks its own carvings
+            carved = carved_in(store, campaign_id, iteration_id)
+            candidates = [i for i in candidates if i not in carved]
         ensure_features(store_url, model_id, retry)
         train_ids = [int(i) for i in store.model(model_id).train_ids]
         hessian = None
@@ -105,6 +109,14 @@ def select_batch(
             if len(paths) < committee:
                 raise RuntimeError(f"model {model_id} has {len(paths)} committee models, selector needs {committee}")
             context["force_deviation"] = max_force_deviation(paths[:committee], store.get_atoms(candidates))
+        if selector.name == "probe" and candidates:  # PROBE's p_reliable (METHODS §6)
+            from alforge.tasks.probe import probe_context
+
+            context |= probe_context(store_url, model_id, candidates, selector.get_params())
+        if selector.name == "ltau" and candidates:  # LTAU p of every candidate atom (METHODS §7)
+            from alforge.tasks.ltau import ltau_context
+
+            context |= ltau_context(store_url, model_id, candidates, selector.get_params())
         if selector.needs_targets:
             target_ids = store.structure_ids(campaign_id, role="target")
             rows = energy_rows if hessian is not None else structure_features
@@ -134,6 +146,10 @@ def select_batch(
                     **context,
                 )
             picked, scores, info = [candidates[int(i)] for i in result.indices], result.scores, result.info
+            if result.info.get("centres"):  # lpr: the environments' embedded structures are the picks
+                picked, scores, info = carve_centres(
+                    store, campaign_id, iteration_id, model_id, candidates, result, selector
+                )
         store.add_selection(
             iteration_id, model_id, cfg.name, selector.get_params(), candidates, picked, scores, info
         )
