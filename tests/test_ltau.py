@@ -204,3 +204,5 @@ def test_ltau_campaign_end_to_end(tmp_path, prefect_harness):
     assert 0 <= evaluation["ece"] <= 1 and sum(evaluation["curve"]["counts"]) == evaluation["n_atoms"]
     assert evaluation["atol"] == pytest.approx(float(errors.forces_last.astype(np.float64).mean()))
     json.dumps(evaluation, allow_nan=False)
+    stored = json.loads(it1.summary_json)["diagnostics"]["ltau"]  # recorded with the iteration
+    assert stored["n_atoms"] == evaluation["n_atoms"] and stored["ece"] == pytest.approx(evaluation["ece"])

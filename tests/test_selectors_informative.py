@@ -19,6 +19,13 @@ def test_informative_in_each_selectors_units():
     assert dopt.informative(scores, 0.0) == 1  # γ > γ_lo when min_score is unset
     assert dopt.informative(scores, None) == 1
     assert dopt.informative(scores, 1.0) == 2  # γ ≥ min_score when set
+    for name, param in (("ltau", "uncertain_above"), ("probe", "unreliable_above")):  # p in [0, 1]
+        selector = make_selector(name, **{param: 0.5})
+        assert selector.informative(np.array([0.9, 0.6, 0.5, 0.1]), 0.0) == 2  # > 0.5 when unset
+        assert selector.informative(np.array([0.9, 0.6, 0.5, 0.1]), None) == 2
+        assert selector.informative(np.array([0.9, 0.6, 0.5, 0.1]), 0.3) == 3  # ≥ min_score when set
+    lpr = make_selector("lpr")
+    assert lpr.informative(np.array([0.5, 2.0, 9.0]), 2.0) == 2  # LPR ≤ min_score: lower is less rigid
     committee = make_selector("committee", sigma_lo=0.1, sigma_hi=1.0)
     assert committee.informative(np.array([0.05, 0.2, 0.5, 2.0]), 0.0) == 2
     assert committee.informative(np.array([0.05, 0.2, 0.5, 2.0]), 0.3) == 1

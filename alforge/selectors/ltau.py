@@ -10,8 +10,9 @@ say how it was scored; the adapter reads them from here.
 **Score units:** a structure's score is the max (``reduce="max"``, the default: one badly known
 environment is enough to need a label) or mean over its atoms of ``p`` ∈ [0, 1], the fraction of
 training epochs in which the nearest training atoms' force errors exceeded the tolerance. A pick is
-informative when its score is ``≥ min_score`` (``stopping.min_score``) or, without one, when it is
-above ``uncertain_above`` (0.5: its neighbours were outside the tolerance for most of the training).
+informative when its score is ``≥ min_score`` (``stopping.min_score``) or, when that is unset
+(``None`` or ``≤ 0``), when it is above ``uncertain_above`` (0.5: its neighbours were outside the
+tolerance for most of the training).
 The quantiles of the training structures' own scores go to ``info`` as a scale for ``min_score``:
 ``p`` depends on the length of the training and on ``atol``, so a useful threshold is relative.
 """
@@ -78,9 +79,10 @@ class LTAUSelector(Selector):
         return {"k": self.k, "atol": self.atol, "rtol": self.rtol, "index": self.index, "per_element": self.per_element}
 
     def informative(self, scores: np.ndarray, min_score: float | None) -> int:
-        """Picks scored ``≥ min_score``, or ``> uncertain_above`` without one (module docstring)."""
+        """Picks scored ``≥ min_score``, or ``> uncertain_above`` when ``min_score`` is unset (``None``
+        or ``≤ 0``, the campaign default), like ``dopt``'s γ_lo (module docstring)."""
         s = np.asarray(scores, dtype=np.float64)
-        ok = s >= min_score if min_score is not None else s > self.uncertain_above
+        ok = s > self.uncertain_above if min_score is None or min_score <= 0 else s >= min_score
         return int(np.count_nonzero(ok))
 
     def select(

@@ -49,12 +49,11 @@ class ProbeSelector(Selector):
         self.unreliable_above = unreliable_above
 
     def informative(self, scores: np.ndarray, min_score: float | None) -> int:
-        """Picks the probe calls unreliable: ``1 − p_reliable > unreliable_above`` (0.5: the
-        classifier's own decision) and, if given, ``≥ min_score``."""
+        """Picks the probe calls unreliable, ``1 − p_reliable > unreliable_above`` (0.5: the
+        classifier's own decision), when ``min_score`` is unset (``None`` or ``≤ 0``, the campaign
+        default), like ``dopt``'s γ_lo; else ``1 − p_reliable ≥ min_score``."""
         s = np.asarray(scores, dtype=np.float64)
-        ok = s > self.unreliable_above
-        if min_score is not None:
-            ok &= s >= min_score
+        ok = s > self.unreliable_above if min_score is None or min_score <= 0 else s >= min_score
         return int(np.count_nonzero(ok))
 
     def select(
