@@ -55,6 +55,25 @@ def test_a_failing_report_is_a_warning(tmp_path, caplog):
     assert "could not publish its artifacts" in caplog.text
 
 
+def test_the_summary_shows_probe_and_ltau():
+    from alforge.monitoring.artifacts import summary_markdown
+
+    row = {"iteration": 2, "labels done": 5, "labels failed": 0, "failures by class": {}, "training structures": 9,
+           "train F RMSE (meV/Å)": 1, "valid F RMSE (meV/Å)": 2, "test F RMSE (meV/Å)": 3,
+           "test E RMSE (meV/atom)": 4, "selected": 2, "score min": None, "score max": None, "stop reason": None}
+    metrics = {"n": 40, "accuracy": 0.75, "mcc": 0.5, "f1": 0.8, "roc_auc": 0.81, "ece": 0.05, "brier": 0.17}
+    diagnostics = {
+        "probe": {"target": "energy", "probe": metrics, "majority": {"accuracy": 0.55},
+                  "ensemble_std": {"accuracy": 0.6, "mcc": 0.2, "f1": 0.65}},
+        "ltau": {"n_atoms": 64, "k": 10, "atol": 0.0123, "mean_p": 0.4, "ece": 0.08, "spearman": 0.31},
+    }
+    text = summary_markdown("c", row, diagnostics)
+    assert "**PROBE** (energy) on 40 test structures: accuracy 0.75, MCC 0.50" in text
+    assert "majority class 0.55; ensemble std accuracy 0.60, MCC 0.20" in text
+    assert "**LTAU** (k = 10, atol 12.3 meV/Å) on 64 test atoms: mean p 0.40, ECE 0.08, Spearman with |ΔF| 0.31" in text
+    assert "PROBE" not in summary_markdown("c", row, {}) and "LTAU" not in summary_markdown("c", row, {})
+
+
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory, prefect_harness):
     """One campaign through ``campaign_flow`` (as a worker runs a deployment) and what Prefect holds."""

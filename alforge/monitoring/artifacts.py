@@ -100,9 +100,33 @@ def summary_markdown(name: str, row: dict[str, Any], diagnostics: dict[str, Any]
             f"α² = {cal['alpha2']:.3g}, Spearman {cal['spearman']:.2f}, ENCE {cal['ence']:.3g}, "
             f"miscalibration area {cal['miscalibration_area']:.3g}"
         )
+    lines += _signal_lines(diagnostics)
     if row["stop reason"]:
         lines.append(f"- **stopping**: {row['stop reason']}")
     return "\n".join(lines) + "\n"
+
+
+def _signal_lines(diagnostics: dict[str, Any]) -> list[str]:
+    """PROBE (with its baselines) and LTAU on the test set, when the campaign uses them."""
+    lines = []
+    probe = diagnostics.get("probe") or {}
+    if "probe" in probe:
+        def scores(m: dict[str, Any]) -> str:
+            return f"accuracy {m['accuracy']:.2f}, MCC {m['mcc']:.2f}, F1 {m['f1']:.2f}"
+
+        p = probe["probe"]
+        text = (f"- **PROBE** ({probe['target']}) on {p['n']} test {'atoms' if probe['target'] == 'forces' else 'structures'}: "
+                f"{scores(p)}, ROC-AUC {p['roc_auc']:.2f}, ECE {p['ece']:.3g}, Brier {p['brier']:.3g}; "
+                f"majority class {probe['majority']['accuracy']:.2f}")
+        if "ensemble_std" in probe:
+            text += f"; ensemble std {scores(probe['ensemble_std'])}"
+        lines.append(text)
+    ltau = diagnostics.get("ltau") or {}
+    if ltau.get("n_atoms"):
+        spearman = "—" if ltau.get("spearman") is None else f"{ltau['spearman']:.2f}"
+        lines.append(f"- **LTAU** (k = {ltau['k']}, atol {ltau['atol'] * 1000:.1f} meV/Å) on {ltau['n_atoms']} test "
+                     f"atoms: mean p {ltau['mean_p']:.2f}, ECE {ltau['ece']:.3g}, Spearman with |ΔF| {spearman}")
+    return lines
 
 
 def parity_forces(store: Store, campaign_id: int, model_id: int, device: str) -> tuple[np.ndarray, np.ndarray]:
