@@ -1,0 +1,406 @@
+"""Issue 10: which small structures raise the rigidity of a large cell's least rigid atoms?
+
+Question (seed 000 §IV.B, METHODS §5): the atoms of a large MD cell with the lowest local
+prediction rigidity (LPR, under the model's loss Hessian) are where the model is least constrained.
+A DFT code cannot label the cell, so small structures are built around those atoms. How much does
+each way of building them raise the target atom's LPR, and does labelling them with a real code
+lower the model's force error on those environments more than labelling random small cells?
+
+Protocol
+--------
+* Model: a ScaleShiftMACE with **one** interaction (r_max 4 Å, 16 channels, max_L 1), so an atom's
+  features depend on its neighbours within r_max and nothing further: an environment carved with
+  ``cutoff = r_max`` is then exactly the environment the model sees (with two interactions the
+  receptive field doubles to 8 Å and every carved cell would hold hundreds of atoms). Trained with
+  ``train_mace`` on Si (Zuo et al. 2020, VASP PBE, ``shared/data/si_mlearn_zuo2020``, read in
+  place): 30 AIMD-NVT + 15 Elastic + 15 Vacancy structures of ``Si_train``, 8 more held out for
+  early stopping and for choosing ς (``loss_hessian(..., regularizer=None, validation=...)``).
+* Large cell: diamond Si 5×5×5 (1,000 atoms) heated with the model by Langevin MD (``--md-steps``
+  at ``--md-temperature``; 1 fs), which melts it; the final frame is the large cell and earlier
+  frames (every 20 steps) are what "the whole structure" adds for m > 1.
+* Targets: the ``--targets`` lowest-LPR atoms of the large cell, at most one per environment
+  (each at least 2 r_max from the others).
+* Ways of adding data, each with m ∈ {1, 2, 5, 10} structures, scored by the LPR enhancement
+  ``(R_after − R_before)/R_before`` of the target atom (``lpr_enhancement``) when the structures'
+  label rows (energy + force rows under the model's loss weights: what a DFT label adds) join H:
+  ``whole`` (m frames of the large cell), ``cluster``, ``periodic`` and ``high_symmetry``
+  (``alforge.embedding.embed``, ``copies=m``, ``cutoff = r_max``, ``--buffer`` 1.5 Å — below
+  embed's 2.5 Å default so a periodic Si cell stays near 60 atoms for QE; high-symmetry adds its
+  pristine host crystal as well, as the paper does), and ``random``:
+  periodic embeddings of m randomly chosen atoms of the same cell (an untargeted small cell of the
+  same size, so the comparison isolates *where* the cell is carved, not how).
+* Labelling with a real code: Quantum ESPRESSO (``pw.x``, PBE, ``Si.pbe-rrkj.UPF``, 20 Ry, Γ only,
+  Marzari–Vanderbilt smearing 0.02 Ry: liquid Si is a metal)
+  through alforge's ``espresso`` labeller, on ``--label-targets`` targets: one periodic embedding
+  per target (``targeted``), one periodic embedding of a random atom per target (``random``), and
+  a second, differently rattled periodic embedding per target as the held-out evaluation cell
+  (a target whose three cells did not all get a label is left out and named in the results).
+  QE energies are shifted by a per-atom constant (QE's diamond Si₈ energy per atom minus the
+  model's) so they sit on the VASP scale the model was trained on; forces need no shift.
+  The base model is fine-tuned (``train_mace(init_model=...)``) on train + targeted and on
+  train + random, ``--finetune-seeds`` seeds each; the figure is the force RMSE on the held-out
+  cells' atoms within r_max of the centre (the target environments).
+* Output (``--out``, default ``benchmarks/results/lpr_embedding``): ``summary.md`` (tables),
+  ``enhancement.png``, ``results.json``. Every stage is cached in ``--workdir``: a rerun resumes.
+
+Run (hours on 2 shared cores the first time; QE labels dominate):
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/study_lpr_embedding.py
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/study_lpr_embedding.py --no-label   # LPR part only
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse
+import json
+import logging
+import lzma
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine_report, table  # noqa: E402
+from ase import Atoms, units  # noqa: E402
+from ase.build import bulk  # noqa: E402
+from ase.calculators.singlepoint import SinglePointCalculator  # noqa: E402
+from ase.io import read, write  # noqa: E402
+from ase.md.langevin import Langevin  # noqa: E402
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution  # noqa: E402
+
+from alforge.embedding import embed  # noqa: E402
+from alforge.labelling.base import LabelFailure  # noqa: E402
+from alforge.labelling.registry import make_labeller  # noqa: E402
+from alforge.mlip.features import compute_features  # noqa: E402
+from alforge.mlip.jacobians import label_rows  # noqa: E402
+from alforge.mlip.mace_model import load_calculator, train_mace  # noqa: E402
+from alforge.mlip.params import MACEParams  # noqa: E402
+from alforge.uncertainty import loss_hessian, lpr_enhancement  # noqa: E402
+from alforge.uncertainty.rigidity import local_prediction_rigidity  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "si_mlearn_zuo2020"
+STRATEGIES = ("whole", "cluster", "periodic", "high_symmetry", "random")
+SIZES = (1, 2, 5, 10)
+log = logging.getLogger("study_lpr_embedding")
+
+
+# --------------------------------------------------------------------------- data and model
+
+
+def si_frames(xyz: str, meta: str) -> tuple[list[Atoms], list[str]]:
+    """Zuo 2020 frames with their labels on a SinglePointCalculator, and each frame's group."""
+    with lzma.open(SHARED / meta, "rt") as fh:
+        groups = [entry["group"] for entry in json.load(fh)]
+    frames = []
+    for atoms in read(SHARED / xyz, ":"):
+        out = atoms.copy()
+        out.calc = SinglePointCalculator(out, energy=atoms.get_potential_energy(), forces=atoms.arrays["force"])
+        frames.append(out)
+    return frames, groups
+
+
+def training_sets(seed: int = 0) -> tuple[list[Atoms], list[Atoms]]:
+    frames, groups = si_frames("Si_train.xyz", "training.json.xz")
+    rng = np.random.default_rng(seed)
+    train, valid = [], []
+    for group, n_train, n_valid in (("AIMD-NVT", 30, 4), ("Elastic", 15, 2), ("Vacancy", 15, 2)):
+        idx = rng.permutation([i for i, g in enumerate(groups) if g == group])
+        train += [frames[i] for i in idx[:n_train]]
+        valid += [frames[i] for i in idx[n_train : n_train + n_valid]]
+    return train, valid
+
+
+def params(epochs: int, seed: int = 0) -> MACEParams:
+    return MACEParams(
+        r_max=4.0, num_channels=16, max_L=1, num_interactions=1, correlation=3, mlp_irreps="16x0e",
+        energy_weight=10.0, forces_weight=100.0, stress_weight=0.0, batch_size=4, lr=0.01,
+        max_epochs=epochs, finetune_epochs=max(epochs // 2, 5), valid_fraction=0.0, seed=seed, device="auto",
+    )
+
+
+def base_model(work: Path, train: list[Atoms], valid: list[Atoms], epochs: int) -> Path:
+    path = work / "base.model"
+    if not path.exists():
+        started = time.perf_counter()
+        result = train_mace(train, params(epochs), path, valid=valid)
+        log.warning("base model: %s in %.0f s", result.metrics, time.perf_counter() - started)
+    return path
+
+
+def large_cell(work: Path, model: Path, steps: int, temperature: float) -> list[Atoms]:
+    """The melted 1,000-atom cell: frames every 20 steps, the last one first."""
+    path = work / "large_cell.extxyz"
+    if not path.exists():
+        atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(5)
+        atoms.calc = load_calculator(model)
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(0))
+        dyn = Langevin(atoms, 1.0 * units.fs, temperature_K=temperature, friction=0.02, rng=np.random.default_rng(1))
+        frames: list[Atoms] = []
+
+        def keep() -> None:
+            frame = atoms.copy()
+            frame.calc = None
+            frames.append(frame)
+
+        dyn.attach(keep, interval=20)
+        started = time.perf_counter()
+        dyn.run(steps)
+        log.warning("MD: %d atoms, %d steps in %.0f s", len(atoms), steps, time.perf_counter() - started)
+        write(path, frames[::-1])
+    return read(path, ":")
+
+
+def lowest_lpr_atoms(cell: Atoms, lpr: np.ndarray, count: int, separation: float) -> list[int]:
+    """The ``count`` lowest-LPR atoms, each ≥ ``separation`` Å (minimum image) from those kept."""
+    kept: list[int] = []
+    for j in np.argsort(lpr):
+        if all(cell.get_distance(int(j), k, mic=True) >= separation for k in kept):
+            kept.append(int(j))
+        if len(kept) == count:
+            break
+    return kept
+
+
+# --------------------------------------------------------------------------- LPR enhancement
+
+
+def generated(strategy: str, frames: list[Atoms], center: int, m: int, cutoff: float, buffer: float, seed: int) -> list[Atoms]:
+    """The m structures a strategy adds for the target atom ``center`` of ``frames[0]``."""
+    if strategy == "whole":
+        return frames[:m]
+    if strategy == "random":
+        rng = np.random.default_rng(seed)
+        centers = rng.choice(len(frames[0]), size=m, replace=False)
+        return [embed(frames[0], int(c), strategy="periodic", cutoff=cutoff, buffer=buffer, seed=seed + k)[0] for k, c in enumerate(centers)]
+    return embed(frames[0], center, strategy=strategy, cutoff=cutoff, buffer=buffer, copies=m, seed=seed)
+
+
+def enhancement_table(model: Path, hessian, frames: list[Atoms], targets: list[int], cutoff: float, buffer: float) -> dict:
+    """``{strategy: {m: [enhancement per target]}}`` and the structures' sizes."""
+    lpr_features = compute_features(model, [frames[0]])[0].last_layer
+    whole_rows = label_rows(model, frames[: max(SIZES)], hessian.weights)
+    out: dict = {s: {m: [] for m in SIZES} for s in STRATEGIES}
+    sizes: dict = {s: [] for s in STRATEGIES}
+    for t, center in enumerate(targets):
+        for strategy in STRATEGIES:
+            for m in SIZES:
+                if strategy == "whole":
+                    rows = whole_rows[:m]
+                    structures = frames[:m]
+                else:
+                    structures = generated(strategy, frames, center, m, cutoff, buffer, seed=1000 * t + m)
+                    rows = label_rows(model, structures, hessian.weights)
+                out[strategy][m].append(float(lpr_enhancement(hessian, rows, lpr_features[center])))
+                if m == 1:
+                    sizes[strategy] += [len(a) for a in structures]
+    return {"enhancement": out, "atoms_per_structure": sizes}
+
+
+# --------------------------------------------------------------------------- labelling with QE
+
+
+def qe_labeller():
+    """PBE, 20 Ry, Γ only; Marzari–Vanderbilt smearing because liquid Si is a metal (fixed
+    occupations left pw.x's SCF unconverged after 100 iterations on one of these cells)."""
+    return make_labeller(
+        "espresso",
+        input_data={"system": {"ecutwfc": 20, "occupations": "smearing", "smearing": "mv", "degauss": 0.02},
+                    "electrons": {"mixing_beta": 0.3}},
+        timeout=3600,
+    )
+
+
+def qe_label(work: Path, name: str, atoms: Atoms, offset: float) -> Atoms | None:
+    """``atoms`` with QE's energy (shifted by ``offset`` eV/atom) and forces, or None when pw.x
+    failed on it (logged; the other labels stand); cached by name."""
+    path = work / "qe-smearing" / f"{name}.extxyz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        try:
+            label = qe_labeller().label(atoms)
+        except LabelFailure as exc:
+            log.warning("QE %s failed (%s): left out", name, exc)
+            return None
+        done = atoms.copy()
+        done.calc = SinglePointCalculator(done, energy=label.energy, forces=label.forces)
+        write(path, done)
+        log.warning("QE %s: %d atoms in %.0f s", name, len(atoms), time.perf_counter() - started)
+    labelled = read(path)
+    out = labelled.copy()
+    out.calc = SinglePointCalculator(out, energy=labelled.get_potential_energy() - offset * len(out),
+                                     forces=labelled.get_forces())
+    return out
+
+
+def qe_offset(work: Path, model: Path) -> float:
+    """QE's energy per atom of diamond Si₈ minus the model's (the two codes' reference levels)."""
+    diamond = bulk("Si", "diamond", a=5.43, cubic=True)
+    labelled = qe_label(work, "diamond8", diamond, 0.0)
+    if labelled is None:
+        raise RuntimeError("QE failed on diamond Si8: no reference level for the QE energies")
+    qe = labelled.get_potential_energy()
+    diamond.calc = load_calculator(model)
+    return (qe - diamond.get_potential_energy()) / len(diamond)
+
+
+def environment_rmse(model: Path, cells: list[Atoms], cutoff: float) -> float:
+    """Force RMSE over the atoms within ``cutoff`` of each cell's centre (its carved environment)."""
+    calc = load_calculator(model)
+    errors = []
+    for cell in cells:
+        center = int(cell.info["embedding"]["center"])
+        near = [j for j in range(len(cell)) if cell.get_distance(center, j, mic=True) <= cutoff]
+        predicted = cell.copy()
+        predicted.calc = calc
+        errors.append((predicted.get_forces()[near] - cell.get_forces()[near]).ravel())
+    return float(np.sqrt(np.mean(np.concatenate(errors) ** 2)))
+
+
+def labelling_study(work: Path, model: Path, train: list[Atoms], valid: list[Atoms], frames: list[Atoms],
+                    targets: list[int], cutoff: float, args: argparse.Namespace) -> dict:
+    offset = qe_offset(work, model)
+    rng = np.random.default_rng(7)
+    random_centers = rng.choice([j for j in range(len(frames[0])) if j not in targets], size=len(targets), replace=False)
+    targeted, random_cells, held_out, left_out = [], [], [], []
+    for t, center in enumerate(targets):
+        # one target's triple is used only if all three cells got a label (equal counts per arm)
+        cells = [
+            embed(frames[0], center, strategy="periodic", cutoff=cutoff, buffer=args.buffer, seed=t)[0],
+            embed(frames[0], int(random_centers[t]), strategy="periodic", cutoff=cutoff, buffer=args.buffer, seed=t)[0],
+            embed(frames[0], center, strategy="periodic", cutoff=cutoff, buffer=args.buffer, seed=100 + t)[0],
+        ]
+        labelled = [qe_label(work, f"{kind}-{t}", cell, offset) for kind, cell in zip(("targeted", "random", "eval"), cells)]
+        if any(a is None for a in labelled):
+            left_out.append(center)
+            continue
+        labelled[2].info["embedding"] = cells[2].info["embedding"]
+        targeted.append(labelled[0])
+        random_cells.append(labelled[1])
+        held_out.append(labelled[2])
+    if not held_out:
+        raise RuntimeError("QE labelled no complete (targeted, random, held-out) triple")
+    result: dict = {"qe_offset_eV_per_atom": offset, "atoms": [len(a) for a in targeted + random_cells + held_out],
+                    "targets_left_out": left_out,
+                    "base": environment_rmse(model, held_out, cutoff), "targeted": [], "random": []}
+    for arm, extra in (("targeted", targeted), ("random", random_cells)):
+        for seed in range(args.finetune_seeds):
+            path = work / f"finetuned-{arm}-{seed}.model"
+            if not path.exists():
+                train_mace(train + extra, params(args.epochs, seed), path, init_model=model, valid=valid)
+            result[arm].append(environment_rmse(path, held_out, cutoff))
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def plot(enhancement: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for strategy in STRATEGIES:
+        values = np.array([enhancement[strategy][m] for m in SIZES]) * 100  # (sizes, targets)
+        ax.errorbar(SIZES, values.mean(axis=1), yerr=values.std(axis=1), marker="o", capsize=3, label=strategy)
+    ax.set_xscale("log")
+    ax.set_xticks(SIZES, [str(m) for m in SIZES])
+    ax.set_xlabel("structures added")
+    ax.set_ylabel("LPR enhancement of the target atom (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report(results: dict, header: str) -> str:
+    enh = results["enhancement"]["enhancement"]
+    rows = []
+    for strategy in STRATEGIES:
+        cells = [f"{np.mean(enh[strategy][m]) * 100:.2f} ± {np.std(enh[strategy][m]) * 100:.2f}" for m in SIZES]
+        sizes = results["enhancement"]["atoms_per_structure"][strategy]
+        rows.append([strategy, f"{np.mean(sizes):.0f}", *cells])
+    text = [
+        "# LPR enhancement by embedding strategy (issue 10)", "", "```", header, "```", "",
+        f"Large cell: {results['cell_atoms']} atoms; targets: atoms {results['targets']} "
+        f"(LPR {', '.join(f'{x:.3g}' for x in results['target_lpr'])}; cell median {results['median_lpr']:.3g}); "
+        f"H: {results['hessian']}.", "",
+        "LPR enhancement (R_after − R_before)/R_before in %, mean ± std over targets:", "", "```",
+        table(["strategy", "atoms", *[f"m={m}" for m in SIZES]], rows), "```",
+    ]
+    if "labelling" in results:
+        lab = results["labelling"]
+        text += [
+            "", "Force RMSE (meV/Å) on the held-out embeddings' atoms within r_max of the target "
+            f"(QE labels on {len(lab['atoms']) // 3} targets, left out: {lab['targets_left_out'] or 'none'}; "
+            f"{len(lab['targeted'])} fine-tune seeds; QE offset {lab['qe_offset_eV_per_atom']:.4f} eV/atom):",
+            "", "```",
+            table(["model", "force RMSE"], [
+                ["base", f"{lab['base'] * 1000:.1f}"],
+                ["+ targeted periodic", f"{np.mean(lab['targeted']) * 1000:.1f} ± {np.std(lab['targeted']) * 1000:.1f}"],
+                ["+ random periodic", f"{np.mean(lab['random']) * 1000:.1f} ± {np.std(lab['random']) * 1000:.1f}"],
+            ]), "```",
+        ]
+    return "\n".join(text) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--md-steps", type=int, default=400)
+    parser.add_argument("--md-temperature", type=float, default=2500.0)
+    parser.add_argument("--buffer", type=float, default=1.5, help="Å beyond r_max kept around a target (embed's buffer)")
+    parser.add_argument("--targets", type=int, default=5)
+    parser.add_argument("--label-targets", type=int, default=4)
+    parser.add_argument("--finetune-seeds", type=int, default=3)
+    parser.add_argument("--no-label", action="store_true", help="skip the QE labelling and fine-tuning")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "lpr_embedding"))
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alforge_lpr_embedding"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    warnings.filterwarnings("ignore")
+    work, out = Path(args.workdir), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    header = machine_report() + f"\nsettings: { {k: v for k, v in vars(args).items() if k not in ('out', 'workdir')} }"
+    print(header, flush=True)
+    started = time.perf_counter()
+
+    train, valid = training_sets()
+    model = base_model(work, train, valid, args.epochs)
+    frames = large_cell(work, model, args.md_steps, args.md_temperature)
+    cutoff = float(params(args.epochs).r_max)
+    hessian = loss_hessian(model, train, validation=valid)
+    lpr = local_prediction_rigidity(hessian, compute_features(model, [frames[0]])[0].last_layer)
+    targets = lowest_lpr_atoms(frames[0], lpr, args.targets, separation=2 * cutoff)
+    results: dict = {
+        "cell_atoms": len(frames[0]), "targets": targets, "target_lpr": [float(lpr[j]) for j in targets],
+        "median_lpr": float(np.median(lpr)),
+        "hessian": f"{hessian.form}, ς = {hessian.regularizer:.3g} ({hessian.regularizer_method})",
+        "enhancement": enhancement_table(model, hessian, frames, targets, cutoff, args.buffer),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))  # kept if the labelling fails
+    if not args.no_label:
+        results["labelling"] = labelling_study(work, model, train, valid, frames, targets[: args.label_targets], cutoff, args)
+    results["wall_s"] = time.perf_counter() - started
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results["enhancement"]["enhancement"], out / "enhancement.png")
+    text = report(results, header) + f"\nwall time {results['wall_s']:.0f} s\n"
+    (out / "summary.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
