@@ -43,6 +43,21 @@ Protocol
 * Output (``--out``, default ``benchmarks/results/lpr_embedding``): ``summary.md`` (tables),
   ``enhancement.png``, ``results.json``. Every stage is cached in ``--workdir``: a rerun resumes.
 
+Findings (``results/lpr_embedding/summary.md``; 1,959 s once the model and MD were cached):
+
+* LPR enhancement for one structure, mean over 5 targets: cluster 2.1 % < periodic 7.9 % ≈ random
+  periodic cells 9.1 % < whole 1,000-atom frame 14.6 % < high-symmetry 18.4 % (with its pristine
+  host); ten periodic copies 44.7 %. The paper's order of cluster < periodic < high-symmetry holds;
+  the whole cell ranks higher here (all 3,000 of its force rows join H)
+  and every figure is far larger because this H holds only 60 small structures.
+* Carving *around the target* buys nothing over carving around random atoms of the same melt: in
+  a 1-interaction model's 16–32 last-layer features, any liquid cell's force rows cover the
+  target's direction about as well.
+* QE labels: fine-tuning on 4 targeted periodic cells raised the held-out force RMSE on those
+  environments from 303 to 412 ± 18 meV/Å, and 4 random cells to 370 ± 14: the 20 Ry / Γ QE forces
+  disagree with the VASP training labels, so a few of them pull the model away from both. The
+  comparison needs a base model trained on the same code and settings; not shown yet.
+
 Run (hours on 2 shared cores the first time; QE labels dominate):
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/study_lpr_embedding.py
