@@ -47,7 +47,10 @@ shared cores, load 2–7): **no selector is better than random beyond the seed s
 * ablation, ``results/yield/ablation/channels32`` (32 channels instead of 16; 2 seeds, mig_label 1):
   random 87.1 ± 0.4 at 32 labels, dopt 83.7 ± 1.5 (29.5 labels to random's final), fps 79.8 ± 2.5
   (29.6), mig_label@loss 80.9 (28.5): a bigger model moves every arm down by a few meV/Å and the
-  selectors' saving to 8–11 %, still far from ½. The batch-size ablation (``--batch 2``) has not run.
+  selectors' saving to 8–11 %, still far from ½.
+* ablation, ``results/yield/ablation/batch2`` (``--batch 2 --rounds 12``, 3 seeds): at 32 labels
+  random 85.7 ± 1.7, mig_label@loss 81.9 ± 5.7 (29.9 labels to random's final, 7 % fewer): smaller
+  batches help both arms alike.
 * 3bpa (200-frame pool, 5 rounds), 3 seeds of random/fps/dopt/mig@energy/mig_label@loss/mmig@loss,
   at 28 labels: random 199.4 ± 9.7, dopt 194.0 ± 3.5 (26.9 labels to random's final),
   mig_label@loss 194.3 ± 6.5 (27.0), fps 194.9 ± 1.4, mig@energy 195.9 ± 3.0; mmig@loss toward the
