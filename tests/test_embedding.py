@@ -21,7 +21,7 @@ from ase.neighborlist import neighbor_list
 from alforge.embedding import DEFAULT_BUFFER, embed
 from alforge.structure_hash import canonical_hash
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # read in place, beside the checkout
 CUTOFF = 4.0
 STRATEGIES = ["cluster", "periodic", "high_symmetry"]
 

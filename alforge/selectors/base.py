@@ -65,7 +65,11 @@ class Selector:
       ``min_score`` is unset (``None`` or ``≤ 0``), else if ``γ ≥ min_score``;
     * ``fps``: Euclidean distance to the covered set, ``≥ min_score``;
     * ``committee``: max force deviation (eV/Å) inside the trust window and ``≥ min_score``;
-    * ``random``: every pick is informative (random selection has no notion of information).
+    * ``random``: every pick is informative (random selection has no notion of information);
+    * ``ltau`` (LTAU p) and ``probe`` (1 − p_reliable): in [0, 1], informative above their own
+      threshold (``uncertain_above`` / ``unreliable_above``, 0.5) when ``min_score`` is unset, else
+      if ``≥ min_score`` (:func:`count_over_threshold`, as ``dopt``);
+    * ``lpr``: the centre's LPR, lower is less rigid: informative if ``≤ min_score`` (all when unset).
     """
 
     name: str = ""
@@ -105,6 +109,16 @@ class Selector:
         if min_score is None:
             return int(scores.size)
         return int(np.count_nonzero(scores >= min_score))
+
+
+def count_over_threshold(scores: np.ndarray, min_score: float | None, threshold: float) -> int:
+    """The informative count of selectors with a threshold of their own (``dopt``'s γ_lo, ``ltau``,
+    ``probe``): scores ``> threshold`` when ``min_score`` is unset (``None`` or ``≤ 0``, the
+    campaign default), else scores ``≥ min_score``."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if min_score is None or min_score <= 0:
+        return int(np.count_nonzero(scores > threshold))
+    return int(np.count_nonzero(scores >= min_score))
 
 
 def check_features(name: str, array: np.ndarray | None, dim: int | None = None) -> np.ndarray | None:

@@ -38,7 +38,7 @@ from scipy.linalg import LinAlgWarning, lu_factor, lu_solve
 from scipy.linalg.blas import dger, idamax, isamax, sger
 
 from alforge.selectors import register
-from alforge.selectors.base import Selection, Selector, check_budget, check_features
+from alforge.selectors.base import Selection, Selector, check_budget, check_features, count_over_threshold
 from alforge.uncertainty.blas_threads import single_threaded_blas
 from alforge.uncertainty.rigidity import iter_chunks
 
@@ -368,10 +368,7 @@ class DOptimal(Selector):
 
     def informative(self, scores: np.ndarray, min_score: float | None) -> int:
         """Picks with ``γ > threshold`` (γ_lo); with ``min_score > 0`` set, ``γ ≥ min_score``."""
-        scores = np.asarray(scores, dtype=np.float64)
-        if min_score is None or min_score <= 0:
-            return int(np.count_nonzero(scores > self.threshold))
-        return int(np.count_nonzero(scores >= min_score))
+        return count_over_threshold(scores, min_score, self.threshold)
 
     def select(
         self,

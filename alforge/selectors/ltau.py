@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from alforge.selectors import register
-from alforge.selectors.base import Selection, Selector, check_budget
+from alforge.selectors.base import Selection, Selector, check_budget, count_over_threshold
 
 
 def reduce_per_structure(atom_values: np.ndarray, groups: np.ndarray, n: int, how: str) -> np.ndarray:
@@ -81,9 +81,7 @@ class LTAUSelector(Selector):
     def informative(self, scores: np.ndarray, min_score: float | None) -> int:
         """Picks scored ``≥ min_score``, or ``> uncertain_above`` when ``min_score`` is unset (``None``
         or ``≤ 0``, the campaign default), like ``dopt``'s γ_lo (module docstring)."""
-        s = np.asarray(scores, dtype=np.float64)
-        ok = s > self.uncertain_above if min_score is None or min_score <= 0 else s >= min_score
-        return int(np.count_nonzero(ok))
+        return count_over_threshold(scores, min_score, self.uncertain_above)
 
     def select(
         self,

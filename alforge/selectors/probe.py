@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from alforge.selectors import register
-from alforge.selectors.base import Selection, Selector, check_budget
+from alforge.selectors.base import Selection, Selector, check_budget, count_over_threshold
 
 
 @register
@@ -52,9 +52,7 @@ class ProbeSelector(Selector):
         """Picks the probe calls unreliable, ``1 − p_reliable > unreliable_above`` (0.5: the
         classifier's own decision), when ``min_score`` is unset (``None`` or ``≤ 0``, the campaign
         default), like ``dopt``'s γ_lo; else ``1 − p_reliable ≥ min_score``."""
-        s = np.asarray(scores, dtype=np.float64)
-        ok = s > self.unreliable_above if min_score is None or min_score <= 0 else s >= min_score
-        return int(np.count_nonzero(ok))
+        return count_over_threshold(scores, min_score, self.unreliable_above)
 
     def select(
         self,
