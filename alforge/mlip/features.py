@@ -29,6 +29,8 @@ import torch
 from ase import Atoms
 import alforge.mlip.mace_import  # noqa: F401  # isort: skip  (before mace and e3nn: see there)
 from e3nn import o3  # isort: skip
+from e3nn.nn import FullyConnectedNet  # isort: skip
+from mace.data.neighborhood import get_neighborhood
 from mace.modules.blocks import LinearReadoutBlock, NonLinearReadoutBlock
 
 from alforge.mlip.device import default_dtype, resolve_device
@@ -41,7 +43,7 @@ from alforge.mlip.mace_model import (
     unlabelled_config,
 )
 
-__all__ = ["AtomFeatures", "compute_features", "feature_jacobians", "last_layer_weights"]
+__all__ = ["FEATURE_ATOMS_PER_BATCH", "AtomFeatures", "compute_features", "feature_jacobians", "last_layer_weights"]
 
 _SCALAR = o3.Irrep("0e")
 
@@ -187,47 +189,212 @@ def _hooked(model: torch.nn.Module) -> Iterator[Callable[[], tuple[torch.Tensor,
             handle.remove()
 
 
-def _prepared(model_path: Path | torch.nn.Module, atoms_list: Sequence[Atoms], device: str):
+def _loaded(model_path: Path | torch.nn.Module, atoms_list: Sequence[Atoms], device: str):
+    """The resolved device, the model on it and its element table, every structure's elements checked."""
     resolved = resolve_device(device)
     model = model_path if isinstance(model_path, torch.nn.Module) else load_model(model_path, resolved)
     z_table = model_z_table(model)
     check_elements(atoms_list, z_table, "feature", str(model_path))
+    return resolved, model, z_table
+
+
+def _prepared(model_path: Path | torch.nn.Module, atoms_list: Sequence[Atoms], device: str):
+    """:func:`_loaded` plus a mace ``Configuration`` per structure (for mace's own graph batching)."""
+    resolved, model, z_table = _loaded(model_path, atoms_list, device)
     return resolved, model, z_table, [unlabelled_config(atoms) for atoms in atoms_list]
 
 
+#: Atoms per forward pass of :func:`compute_features`, by device type. On the CPU the edge tensors
+#: of a batch (about 40 edges per atom in a metal at r_max 4.5 Å, hundreds of channels per edge
+#: in the tensor product) must stay in cache: batches of 2–4 32-atom Cu cells ran ~40 % faster
+#: than batches of 16 (``benchmarks/bench_features.py``). On CUDA large batches amortise the
+#: kernel launches.
+FEATURE_ATOMS_PER_BATCH = {"cpu": 128, "cuda": 4096}
+_DEFAULT_ATOMS = FEATURE_ATOMS_PER_BATCH["cpu"]  # other device types (mps, xpu): untuned
+
+
+def _graph(
+    atoms_list: Sequence[Atoms], species: Sequence[np.ndarray], n_elements: int, r_max: float, device: str
+) -> tuple[dict[str, torch.Tensor], _Pairs | None]:
+    """The input dict mace's model reads for a batch of structures, built directly.
+
+    Equal, tensor by tensor, to ``Batch.from_data_list([AtomicData.from_config(...)]).to_dict()``
+    for the keys the forward pass reads (the test compares them), without building the dozens of
+    label and weight tensors of each ``AtomicData`` and collating them in Python. The neighbour list
+    is mace's own :func:`get_neighborhood` (matscipy), so edges, their order and the shifts are
+    mace's. Tensors are made in the default dtype (the caller's :func:`default_dtype`). Also
+    returns the edges' pairs (:func:`_edge_pairs`) on ``device``.
+    """
+    dtype = torch.get_default_dtype()
+    positions, cells, edges, shifts, unit_shifts, counts = [], [], [], [], [], []
+    offset = 0
+    for atoms in atoms_list:
+        pbc = tuple(bool(p) for p in atoms.pbc)
+        # a copy of the cell: mace overwrites the non-periodic directions' rows in place
+        edge_index, shift, unit_shift, cell = get_neighborhood(
+            positions=atoms.positions, cutoff=r_max, pbc=pbc, cell=np.array(atoms.cell)
+        )
+        positions.append(atoms.positions)
+        cells.append(cell)
+        edges.append(edge_index + offset)
+        shifts.append(shift)
+        unit_shifts.append(unit_shift)
+        counts.append(len(atoms))
+        offset += len(atoms)
+    edge_index, unit_shifts = np.concatenate(edges, axis=1), np.concatenate(unit_shifts)
+    pairs = _edge_pairs(edge_index, unit_shifts)
+    index = torch.from_numpy(np.concatenate(species))
+    n_graphs = len(atoms_list)
+    graph = {
+        "positions": torch.from_numpy(np.concatenate(positions)).to(dtype),
+        "node_attrs": torch.nn.functional.one_hot(index, n_elements).to(dtype),
+        "edge_index": torch.from_numpy(edge_index).long(),
+        "shifts": torch.from_numpy(np.concatenate(shifts)).to(dtype),
+        "unit_shifts": torch.from_numpy(unit_shifts).to(dtype),
+        "cell": torch.from_numpy(np.concatenate(cells)).to(dtype),
+        "batch": torch.repeat_interleave(torch.arange(n_graphs), torch.tensor(counts)),
+        "ptr": torch.from_numpy(np.concatenate([[0], np.cumsum(counts)])).long(),
+        "head": torch.zeros(n_graphs, dtype=torch.long),
+    }
+    on_device = None if pairs is None else tuple(torch.from_numpy(p).to(device) for p in pairs)
+    return {key: value.to(device) for key, value in graph.items()}, on_device
+
+
+def _edge_pairs(edge_index: np.ndarray, unit_shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each edge's undirected pair: ``(first, inverse)`` with ``first`` one edge per pair and
+    ``inverse`` the pair of every edge, so ``x[first][inverse]`` repeats a per-pair value per edge.
+
+    Edge ``(i, j, S)`` and its reverse ``(j, i, −S)`` have bitwise the same length (IEEE negation
+    is exact), so the radial MLP gives both the same weights (:func:`_shared_radial_mlp`). The
+    pair key is a mixed-radix integer of ``(i, j, S)`` and its reverse, whichever is smaller;
+    ``None`` when that key would overflow int64 (then nothing is shared).
+    """
+    if edge_index.shape[1] == 0:
+        return None
+    reach = int(np.abs(unit_shifts).max()) if unit_shifts.size else 0
+    radix, n_nodes = 2 * reach + 1, int(edge_index.max()) + 1
+    if n_nodes * n_nodes * radix**3 >= 2**62:
+        return None
+    shifts = unit_shifts.astype(np.int64) + reach
+    sender, receiver = edge_index.astype(np.int64)
+
+    def key(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> np.ndarray:
+        return (((a * n_nodes + b) * radix + s[:, 0]) * radix + s[:, 1]) * radix + s[:, 2]
+
+    pair = np.minimum(key(sender, receiver, shifts), key(receiver, sender, 2 * reach - shifts))
+    _, first, inverse = np.unique(pair, return_index=True, return_inverse=True)
+    return first, inverse
+
+
+_Pairs = tuple[torch.Tensor, torch.Tensor]  # (first, inverse) of _edge_pairs, on the device
+
+
+@contextmanager
+def _shared_radial_mlp(model: torch.nn.Module) -> Iterator[Callable[[_Pairs | None], None]]:
+    """Evaluate each interaction's radial MLP (``conv_tp_weights``) once per undirected edge pair.
+
+    The MLP maps each edge's radial features row by row, and an edge and its reverse have the same
+    length, so half the rows suffice: about a fifth of a CPU forward pass saved. A forward pre-hook
+    feeds the MLP the pairs' rows and a forward hook spreads its output back to every edge. Yields
+    ``set_pairs((first, inverse))``, to call before each forward pass (``None``: nothing shared).
+    The pre-hook checks that the rows of each pair are identical (as they are for mace's radial
+    embeddings, which depend on the length and on the two elements symmetrically); where they are
+    not, that MLP runs on every edge as usual, so the output is never changed.
+    """
+    state: dict[str, object] = {"pairs": None, "shared": False}
+
+    def before(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        pairs, (edge_feats, *rest) = state["pairs"], args
+        state["shared"] = False
+        if pairs is None or rest or edge_feats.shape[0] != pairs[1].shape[0]:
+            return None
+        first, inverse = pairs
+        reduced = edge_feats[first]
+        if not torch.equal(reduced[inverse], edge_feats):
+            return None
+        state["shared"] = True
+        return (reduced,)
+
+    def after(_module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        return output[state["pairs"][1]] if state["shared"] else None
+
+    handles = []
+    for interaction in model.interactions:
+        mlp = getattr(interaction, "conv_tp_weights", None)
+        if isinstance(mlp, FullyConnectedNet):  # row-wise by construction
+            handles += [mlp.register_forward_pre_hook(before), mlp.register_forward_hook(after)]
+
+    def set_pairs(pairs: _Pairs | None) -> None:
+        state["pairs"] = pairs
+
+    try:
+        yield set_pairs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _species(atoms_list: Sequence[Atoms], z_table) -> list[np.ndarray]:
+    """Per structure, each atom's row in the model's element table (the one-hot index)."""
+    lookup = np.full(max(z_table.zs) + 1, -1, dtype=np.int64)
+    lookup[list(z_table.zs)] = np.arange(len(z_table.zs))
+    return [lookup[atoms.numbers] for atoms in atoms_list]
+
+
 def compute_features(
-    model_path: Path | torch.nn.Module, atoms_list: Sequence[Atoms], device: str = "auto", batch_size: int = 16
+    model_path: Path | torch.nn.Module,
+    atoms_list: Sequence[Atoms],
+    device: str = "auto",
+    batch_size: int | None = None,
+    atoms_per_batch: int | None = None,
 ) -> list[AtomFeatures]:
     """Last-layer and invariant features of every structure, one :class:`AtomFeatures` each, in order.
 
     ``model_path`` may also be a model already loaded with :func:`load_model` (on ``device``), so a
     caller that featurizes repeatedly (an MD run grading every frame) loads it once.
-    Batched through mace's DataLoader with graphs built per batch (so memory stays bounded for large
-    candidate pools), under ``torch.no_grad()`` with ``compute_force=False``, on ``device`` (``'auto'``:
-    the GPU when there is one).
+    Structures go through the model in consecutive batches of at most ``atoms_per_batch`` atoms
+    (default :data:`FEATURE_ATOMS_PER_BATCH` for the device; a larger structure goes alone) and,
+    if given, at most ``batch_size`` structures; graphs are built per batch, so memory stays
+    bounded for large candidate pools. Under ``torch.no_grad()`` with ``compute_force=False``, on
+    ``device`` (``'auto'``: the GPU when there is one). The batching changes nothing but rounding.
     """
+    from alforge.mlip.jacobians import atom_batches
+
+    for name, value in (("batch_size", batch_size), ("atoms_per_batch", atoms_per_batch)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
     if not atoms_list:
         return []
-    resolved, model, z_table, configs = _prepared(model_path, atoms_list, device)
+    resolved, model, z_table = _loaded(model_path, atoms_list, device)
+    budget = atoms_per_batch or FEATURE_ATOMS_PER_BATCH.get(torch.device(resolved).type, _DEFAULT_ATOMS)
     _, shift = _scale_shift(model)
     atomic_energies = torch.atleast_2d(model.atomic_energies_fn.atomic_energies).T[:, 0].double().cpu().numpy()
+    species = _species(atoms_list, z_table)
+    r_max = float(model.r_max)
     results: list[AtomFeatures] = []
-    with _hooked(model) as read, default_dtype(model_dtype(model)), torch.no_grad():
-        for batch in iterate_batches(configs, z_table, float(model.r_max), batch_size):
-            batch = batch.to(resolved)
-            output = model(batch.to_dict(), training=False, compute_force=False)
-            last_layer, invariant = (t.double().cpu().numpy() for t in read())
-            energies = output["energy"].double().cpu().numpy()
-            species = batch.node_attrs.argmax(dim=1).cpu().numpy()
-            ptr = batch.ptr.cpu().numpy()
-            for g in range(len(ptr) - 1):
+    with (
+        _hooked(model) as read,
+        _shared_radial_mlp(model) as set_pairs,
+        default_dtype(model_dtype(model)),
+        torch.no_grad(),
+    ):
+        for group in atom_batches([len(a) for a in atoms_list], budget, batch_size):
+            members = [atoms_list[k] for k in group]
+            graph, pairs = _graph(members, [species[k] for k in group], len(z_table), r_max, resolved)
+            set_pairs(pairs)
+            output = model(graph, training=False, compute_force=False)
+            # to the host first, then to float64: half the transfer for a float32 model on a GPU
+            last_layer, invariant, energies = (t.cpu().double().numpy() for t in (*read(), output["energy"]))
+            e0 = atomic_energies[np.concatenate([species[k] for k in group])] + shift
+            ptr = graph["ptr"].cpu().numpy()
+            for g in range(len(members)):
                 atoms_slice = slice(ptr[g], ptr[g + 1])
                 results.append(
                     AtomFeatures(
                         last_layer=last_layer[atoms_slice],
                         invariant=invariant[atoms_slice],
                         energy=float(energies[g]),
-                        e0=atomic_energies[species[atoms_slice]] + shift,
+                        e0=e0[atoms_slice],
                     )
                 )
     return results

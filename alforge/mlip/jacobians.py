@@ -143,11 +143,19 @@ def structure_jacobians(
 ATOMS_PER_BATCH = 256
 
 
-def atom_batches(sizes: Sequence[int], atoms_per_batch: int = ATOMS_PER_BATCH) -> list[range]:
-    """Consecutive structure ranges of at most ``atoms_per_batch`` atoms (one structure at least)."""
+def atom_batches(
+    sizes: Sequence[int], atoms_per_batch: int = ATOMS_PER_BATCH, max_structures: int | None = None
+) -> list[range]:
+    """Consecutive structure ranges of at most ``atoms_per_batch`` atoms (one structure at least)
+    and, if given, at most ``max_structures`` structures.
+
+    Batching by atoms rather than by structures keeps the work (and memory) per batch about
+    constant whatever the structure sizes: a pool of small molecules and one of large cells both
+    give batches of the size the device handles best."""
     out, start, count = [], 0, 0
     for k, n in enumerate(sizes):
-        if k > start and count + n > atoms_per_batch:
+        full = max_structures is not None and k - start >= max_structures
+        if k > start and (full or count + n > atoms_per_batch):
             out.append(range(start, k))
             start, count = k, 0
         count += n
