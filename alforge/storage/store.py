@@ -127,6 +127,21 @@ def _ids(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<i8").copy()
 
 
+#: Structures per query when feature arrays are read or replaced: a bounded batch of blobs per round
+#: trip (900 × ~32 KB for a 32-atom structure at d = 128) and below SQLite's bound-parameter limit.
+FEATURE_CHUNK = 900
+
+
+def _rows_shape(shape: str) -> tuple[int, int]:
+    """A stored feature shape (``"n,d"``, or ``"d"`` for one row) as ``(rows, width)``."""
+    dims = tuple(int(x) for x in shape.split(",")) if shape else ()
+    if len(dims) == 2:
+        return dims  # type: ignore[return-value]
+    if len(dims) == 1:
+        return 1, dims[0]
+    raise ValueError(f"feature shape {shape!r} is neither (n, d) nor (d,)")
+
+
 class Store:
     """Open (and migrate) the database at ``url``; any SQLAlchemy URL works."""
 
@@ -1108,7 +1123,8 @@ class Store:
     ) -> None:
         """Store feature arrays of several kinds, ``{kind: ({structure_id: array}, dtype)}``, in one
         transaction (so a structure never has some kinds and not others), replacing rows of the same
-        (structure, model, kind). Bulk Core executemany: the ORM is ~6× slower."""
+        (structure, model, kind). One blob per (structure, kind), written by a bulk Core
+        executemany: the ORM is ~6× slower, one row per atom ~5× slower again (docs/STACK.md)."""
         rows = []
         for kind, (features, dtype) in kinds.items():
             for sid, arr in features.items():
@@ -1120,13 +1136,15 @@ class Store:
             return
         with self.session() as s, s.begin():
             for kind, (features, _) in kinds.items():
-                s.execute(
-                    delete(models.Feature).where(
-                        models.Feature.model_id == model_id,
-                        models.Feature.kind == kind,
-                        models.Feature.structure_id.in_(list(features)),
+                ids = list(features)
+                for start in range(0, len(ids), FEATURE_CHUNK):  # below SQLite's bound-parameter limit
+                    s.execute(
+                        delete(models.Feature).where(
+                            models.Feature.model_id == model_id,
+                            models.Feature.kind == kind,
+                            models.Feature.structure_id.in_(ids[start : start + FEATURE_CHUNK]),
+                        )
                     )
-                )
             s.execute(insert(models.Feature), rows)
 
     @unit_of_work
@@ -1141,28 +1159,116 @@ class Store:
             )
         return [i for i in structure_ids if i not in have]
 
+    @staticmethod
+    def _feature_blobs(
+        s: Session, model_id: int, kind: str, structure_ids: Sequence[int]
+    ) -> Iterable[tuple[int, bytes, str, str]]:
+        """``(structure_id, data, dtype, shape)`` of the stored arrays, ``FEATURE_CHUNK`` structures
+        per query (in no particular order; a structure without one is simply not yielded)."""
+        for start in range(0, len(structure_ids), FEATURE_CHUNK):
+            yield from s.execute(
+                select(
+                    models.Feature.structure_id, models.Feature.data, models.Feature.dtype, models.Feature.shape
+                ).where(
+                    models.Feature.model_id == model_id,
+                    models.Feature.kind == kind,
+                    models.Feature.structure_id.in_(list(structure_ids[start : start + FEATURE_CHUNK])),
+                )
+            )
+
+    @staticmethod
+    def _no_features(model_id: int, kind: str, structure_ids: Sequence[int], found: Any) -> None:
+        missing = [i for i in structure_ids if i not in found]
+        if missing:
+            raise KeyError(f"no {kind!r} features of model {model_id} for structures {missing[:10]}")
+
     @unit_of_work
     def get_features(self, model_id: int, kind: str, structure_ids: Sequence[int]) -> list[np.ndarray]:
         """One array per structure, in the order of ``structure_ids``."""
         found: dict[int, np.ndarray] = {}
         with self.session() as s:
-            for start in range(0, len(structure_ids), 900):
-                chunk = list(structure_ids[start : start + 900])
-                rows = s.execute(
-                    select(
-                        models.Feature.structure_id, models.Feature.data, models.Feature.dtype, models.Feature.shape
-                    ).where(
+            for sid, data, dt, shape in self._feature_blobs(s, model_id, kind, list(dict.fromkeys(structure_ids))):
+                found[sid] = arrays.decode(data, dt, shape)
+        self._no_features(model_id, kind, structure_ids, found)
+        return [found[i] for i in structure_ids]
+
+    @unit_of_work
+    def get_feature_rows(
+        self, model_id: int, kind: str, structure_ids: Sequence[int], dtype: str | np.dtype = "<f4"
+    ) -> arrays.StackedRows:
+        """Every structure's rows of ``kind`` stacked in the order of ``structure_ids`` (a 1-D array
+        is one row), as ``dtype``.
+
+        Reads the stored shapes first (no blob is touched), allocates the one output array, then
+        streams the blobs ``FEATURE_CHUNK`` structures per query and copies each straight into its
+        place with ``np.frombuffer``: peak memory is the output plus one query's blobs, not a list
+        of per-structure arrays plus their concatenation.
+        """
+        ids = [int(i) for i in structure_ids]
+        unique = list(dict.fromkeys(ids))
+        with self.session() as s:
+            shapes: dict[int, tuple[int, int]] = {}
+            for start in range(0, len(unique), FEATURE_CHUNK):
+                for sid, shape in s.execute(
+                    select(models.Feature.structure_id, models.Feature.shape).where(
                         models.Feature.model_id == model_id,
                         models.Feature.kind == kind,
-                        models.Feature.structure_id.in_(chunk),
+                        models.Feature.structure_id.in_(unique[start : start + FEATURE_CHUNK]),
                     )
-                )
-                for sid, data, dt, shape in rows:
-                    found[sid] = arrays.decode(data, dt, shape)
-        missing = [i for i in structure_ids if i not in found]
-        if missing:
-            raise KeyError(f"no {kind!r} features of model {model_id} for structures {missing[:10]}")
-        return [found[i] for i in structure_ids]
+                ):
+                    shapes[sid] = _rows_shape(shape)
+            self._no_features(model_id, kind, ids, shapes)
+            widths = sorted({w for _, w in shapes.values()})
+            if len(widths) > 1:
+                raise ValueError(f"{kind!r} features of model {model_id} have different widths {widths[:5]}")
+            width = widths[0] if widths else 0
+            offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+            np.cumsum([shapes[i][0] for i in ids], out=offsets[1:])
+            out = np.empty((int(offsets[-1]), width), dtype=dtype)
+            where: dict[int, list[int]] = {}
+            for k, sid in enumerate(ids):
+                where.setdefault(sid, []).append(k)
+            for sid, data, dt, shape in self._feature_blobs(s, model_id, kind, unique):
+                if _rows_shape(shape) != shapes[sid]:  # replaced by another writer between the two reads
+                    raise RuntimeError(f"{kind!r} features of structure {sid} changed while being read")
+                block = np.frombuffer(data, dtype=np.dtype(dt)).reshape(shapes[sid])
+                for k in where[sid]:
+                    out[offsets[k] : offsets[k + 1]] = block
+        return arrays.StackedRows(out, offsets)
+
+    @unit_of_work
+    def get_feature_sums(
+        self,
+        model_id: int,
+        kind: str,
+        structure_ids: Sequence[int],
+        dtype: str | np.dtype = "<f8",
+        mean: bool = False,
+    ) -> np.ndarray:
+        """``(n, d)``: row ``k`` is the sum (with ``mean``, the mean) over the rows of structure
+        ``structure_ids[k]``'s ``kind`` array, accumulated in float64 and stored as ``dtype``.
+
+        Streamed like :meth:`get_feature_rows`: the per-atom rows are never all in memory, only the
+        structure rows are (``f_s = Σ_j f_j`` and ``f_s / n_s``, METHODS §1–2).
+        """
+        ids = [int(i) for i in structure_ids]
+        where: dict[int, list[int]] = {}
+        for k, sid in enumerate(ids):
+            where.setdefault(sid, []).append(k)
+        out: np.ndarray | None = None
+        seen: set[int] = set()
+        with self.session() as s:
+            for sid, data, dt, shape in self._feature_blobs(s, model_id, kind, list(where)):
+                block = np.frombuffer(data, dtype=np.dtype(dt)).reshape(_rows_shape(shape))
+                row = block.mean(axis=0, dtype=np.float64) if mean else block.sum(axis=0, dtype=np.float64)
+                if out is None:
+                    out = np.empty((len(ids), len(row)), dtype=dtype)
+                elif len(row) != out.shape[1]:
+                    raise ValueError(f"{kind!r} features of model {model_id} have widths {out.shape[1]} and {len(row)}")
+                out[where[sid]] = row
+                seen.add(sid)
+        self._no_features(model_id, kind, ids, seen)
+        return out if out is not None else np.empty((0, 0), dtype=dtype)
 
     @unit_of_work
     def feature_count(self, campaign_id: int) -> int:

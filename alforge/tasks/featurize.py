@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import DTypeLike
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -23,12 +24,14 @@ CHUNK = 256  # structures per compute-and-store round: bounded memory, steady pr
 def ensure_features(store_url: str, model_id: int, structure_ids: list[int]) -> int:
     """Compute and store last-layer (float64) and invariant (float32) features of the structures
     that lack them under this model; returns how many were computed."""
-    from alforge.mlip.features import compute_features
-
     store = open_store(store_url)
     # ENERGY is the newest kind: structures featurized before it existed are computed again
     todo = store.missing_features(model_id, ENERGY, list(dict.fromkeys(structure_ids)))
-    path = store.model_file(model_id) if todo else None  # hash-checked before it is loaded
+    if not todo:  # nothing to compute: no torch/MACE import (~5-20 s), as in every select step
+        return 0
+    from alforge.mlip.features import compute_features
+
+    path = store.model_file(model_id)  # hash-checked before it is loaded
     for start in range(0, len(todo), CHUNK):
         ids = todo[start : start + CHUNK]
         feats = compute_features(path, store.get_atoms(ids))
@@ -51,38 +54,49 @@ def featurize(store_url: str, model_id: int, structure_ids: list[int], with_trai
     return ensure_features(store_url, model_id, list(structure_ids) + train)
 
 
-def structure_features(store_url: str, model_id: int, structure_ids: list[int]) -> np.ndarray:
-    """``f_s = Σ_j f_j``: the structure-level last-layer features (METHODS §1), (n, d)."""
-    per_atom = open_store(store_url).get_features(model_id, LAST_LAYER, structure_ids)
-    return np.stack([f.sum(axis=0) for f in per_atom]) if per_atom else np.empty((0, 0))
+def structure_features(
+    store_url: str, model_id: int, structure_ids: list[int], dtype: DTypeLike = np.float64
+) -> np.ndarray:
+    """``f_s = Σ_j f_j``: the structure-level last-layer features (METHODS §1), (n, d), summed in
+    float64 while the per-atom blobs stream from the store (they are never all in memory)."""
+    return open_store(store_url).get_feature_sums(model_id, LAST_LAYER, structure_ids, dtype=dtype)
 
 
 def model_energies(store_url: str, model_id: int, structure_ids: list[int]) -> np.ndarray:
     return np.array([e[0] for e in open_store(store_url).get_features(model_id, ENERGY, structure_ids)])
 
 
-def atom_features(store_url: str, model_id: int, structure_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-atom last-layer rows and, for each row, the position of its structure in ``structure_ids``."""
-    per_atom = open_store(store_url).get_features(model_id, LAST_LAYER, structure_ids)
-    if not per_atom:
-        return np.empty((0, 0)), np.empty(0, dtype=np.int64)
-    groups = np.concatenate([np.full(len(f), k, dtype=np.int64) for k, f in enumerate(per_atom)])
-    return np.concatenate(per_atom), groups
+def atom_features(
+    store_url: str, model_id: int, structure_ids: list[int], dtype: DTypeLike = np.float64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-atom last-layer rows and, for each row, the position of its structure in ``structure_ids``.
+
+    The rows are one ``dtype`` array the store fills in place, chunk by chunk: float32 halves what a
+    million candidate atoms hold (0.5 GB at d = 128) and nothing else is allocated at that size.
+    """
+    stacked = open_store(store_url).get_feature_rows(model_id, LAST_LAYER, structure_ids, dtype=dtype)
+    return stacked.rows, stacked.groups()
 
 
 def ensure_label_rows(
-    store_url: str, model_id: int, structure_ids: list[int], weights: LossWeights
+    store_url: str,
+    model_id: int,
+    structure_ids: list[int],
+    weights: LossWeights,
+    dtype: DTypeLike = np.float64,
 ) -> list[np.ndarray]:
     """Per structure, the compact factor ``R_s`` of the energy + force (+ stress) rows its label
     adds to the model's loss Hessian under ``weights`` (those of the model's stored ``H``, so the
-    blocks and ``H`` agree); computed once per (structure, model)."""
-    from alforge.mlip.jacobians import label_rows
-
+    blocks and ``H`` agree); computed once per (structure, model). The blocks are views of one
+    ``dtype`` array read in chunks from the store (:meth:`Store.get_feature_rows`)."""
     store = open_store(store_url)
     todo = store.missing_features(model_id, LABEL_ROWS, list(dict.fromkeys(structure_ids)))
-    path = store.model_file(model_id) if todo else None  # hash-checked before it is loaded
+    if todo:  # the Jacobians need torch and the model; stored rows need neither
+        from alforge.mlip.jacobians import label_rows
+
+        path = store.model_file(model_id)  # hash-checked before it is loaded
     for start in range(0, len(todo), CHUNK):
         chunk = todo[start : start + CHUNK]
         rows = label_rows(path, store.get_atoms(chunk), weights)
         store.put_features(model_id, {LABEL_ROWS: (dict(zip(chunk, rows)), "<f8")})
-    return store.get_features(model_id, LABEL_ROWS, structure_ids)
+    return store.get_feature_rows(model_id, LABEL_ROWS, structure_ids, dtype=dtype).blocks()

@@ -9,11 +9,17 @@ ids, scores).
 Structure rows of ``H``-based selectors are ``f_s / n_s``, the per-atom energy row the loss is
 trained on (METHODS §2), with the training energy weight λ_E as the selector's ``weight`` unless
 the campaign file sets one: then a structure-level score and the loss Hessian are in the same units.
+
+Every feature array handed to a selector is read from the store in chunks into one preallocated
+:data:`ROW_DTYPE` array (:meth:`Store.get_feature_rows` / :meth:`Store.get_feature_sums`), so a
+pool of a million candidate atoms costs 0.5 GB (d = 128) plus what the selector itself allocates,
+not a list of per-structure float64 arrays plus their concatenation (``benchmarks/bench_select_path.py``).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import DTypeLike
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -32,6 +38,11 @@ from alforge.tasks.featurize import (
 from alforge.tasks.hessian import ensure_hessian
 from alforge.uncertainty.rigidity import Hessian
 
+#: Selection inputs are float32: half the memory of the stored float64 features, and the selectors
+#: accumulate their scores in float64, so the picks are those of float64 inputs except at near-ties
+#: (``tests/test_select_stream.py``). The stored features stay float64.
+ROW_DTYPE = np.float32
+
 
 def _numbers(store, structure_ids: list[int]) -> np.ndarray:
     """Atomic number of every atom, structure after structure (the rows of ``atom_features``)."""
@@ -44,18 +55,22 @@ def iteration_seed(base: int, iteration_index: int) -> int:
     return int(np.random.SeedSequence([int(base), int(iteration_index)]).generate_state(1)[0])
 
 
-def energy_rows(store_url: str, model_id: int, structure_ids: list[int]) -> np.ndarray:
-    """``f_s / n_s`` per structure: the per-atom energy row of the trained loss."""
-    per_atom = open_store(store_url).get_features(model_id, LAST_LAYER, structure_ids)
-    return np.stack([f.sum(axis=0) / len(f) for f in per_atom]) if per_atom else np.empty((0, 0))
+def energy_rows(
+    store_url: str, model_id: int, structure_ids: list[int], dtype: DTypeLike = np.float64
+) -> np.ndarray:
+    """``f_s / n_s`` per structure: the per-atom energy row of the trained loss (summed in float64
+    as the per-atom blobs stream from the store)."""
+    return open_store(store_url).get_feature_sums(model_id, LAST_LAYER, structure_ids, dtype=dtype, mean=True)
 
 
 def _label_blocks(store_url: str, model_id: int, ids: list[int], hessian: Hessian) -> list[np.ndarray]:
     """What a label of each structure adds to ``H``: its energy + force (+ stress) rows for the
-    loss form, its weighted energy row for the energy-only form."""
+    loss form, its weighted energy row for the energy-only form; views of one :data:`ROW_DTYPE` array."""
     if hessian.form == "energy":
-        return list(np.sqrt(hessian.weights.energy) * energy_rows(store_url, model_id, ids)[:, None, :])
-    return ensure_label_rows(store_url, model_id, ids, hessian.weights)
+        rows = energy_rows(store_url, model_id, ids, ROW_DTYPE)
+        rows *= np.sqrt(hessian.weights.energy)
+        return list(rows[:, None, :])
+    return ensure_label_rows(store_url, model_id, ids, hessian.weights, dtype=ROW_DTYPE)
 
 
 def _configured(cfg: SelectorConfig, seed: int, iteration_index: int, hessian: Hessian | None) -> Selector:
@@ -120,7 +135,7 @@ def select_batch(
         if selector.needs_targets:
             target_ids = store.structure_ids(campaign_id, role="target")
             rows = energy_rows if hessian is not None else structure_features
-            context["targets"] = rows(store_url, model_id, target_ids)
+            context["targets"] = rows(store_url, model_id, target_ids, ROW_DTYPE)
         if selector.label_rows != "none" and candidates:
             context["label_rows"] = _label_blocks(store_url, model_id, candidates, hessian)
         if not candidates:
@@ -128,8 +143,8 @@ def select_batch(
         else:
             if selector.level == "atom":
                 # per-atom rows; groups = position of the row's structure in `candidates`
-                cand_rows, groups = atom_features(store_url, model_id, candidates)
-                train_rows, _ = atom_features(store_url, model_id, train_ids)
+                cand_rows, groups = atom_features(store_url, model_id, candidates, ROW_DTYPE)
+                train_rows, _ = atom_features(store_url, model_id, train_ids, ROW_DTYPE)
                 context |= {
                     "groups": groups,
                     "elements": _numbers(store, candidates),
@@ -137,12 +152,13 @@ def select_batch(
                 }
                 result = selector.select(cand_rows, cfg.batch_size, train=train_rows, **context)
             elif hessian is not None:
-                result = selector.select(energy_rows(store_url, model_id, candidates), cfg.batch_size, **context)
+                cand_rows = energy_rows(store_url, model_id, candidates, ROW_DTYPE)
+                result = selector.select(cand_rows, cfg.batch_size, **context)
             else:
                 result = selector.select(
-                    structure_features(store_url, model_id, candidates),
+                    structure_features(store_url, model_id, candidates, ROW_DTYPE),
                     cfg.batch_size,
-                    train=structure_features(store_url, model_id, train_ids),
+                    train=structure_features(store_url, model_id, train_ids, ROW_DTYPE),
                     **context,
                 )
             picked, scores, info = [candidates[int(i)] for i in result.indices], result.scores, result.info

@@ -1,0 +1,389 @@
+"""The campaign's selection path at scale: ``select_batch`` on a store whose candidates hold 1e6 atoms.
+
+A synthetic campaign is written straight through the store API (no MACE): ``--atoms`` candidate
+atoms in cells of ``--atoms-per-structure`` atoms (two elements), their per-atom ``last_layer``
+features (float64, d = ``--dim``, correlated rows with a decaying spectrum like real last-layer
+features), a training set of ``--train`` cells with features and label rows, the model's ``loss``
+Hessian ``H = ς² I + Σ_train R_sᵀR_s`` and, for ``mig_label``, every candidate's label rows.
+
+**What the 1e6-atom case means for each selector** (all read every candidate from the store):
+
+* ``mig``: structure rows ``f_s / n_s`` (METHODS §2), summed while 1e6 atom rows stream past;
+* ``dopt``: all 1e6 atom rows (float32, one array) with their structures and elements;
+* ``mig_label``: every candidate's stored label factor ``R_s``, ``min(3 n_s + 1, d)`` rows each
+  (128 rows per 64-atom cell at d = 128: 2e6 rows for 1e6 atoms, stored 2 GB as float64, read
+  1 GB as float32). Computing them is *not* timed: ``ensure_label_rows`` found them stored. On
+  the CPU they cost ~1 min per 1,000 atoms (``bench_jacobians.py``), ~17 h for 1e6 atoms, so at
+  this scale they come from a GPU run, or label-level MIG runs on a pre-screened subset.
+
+Stages, each with its seconds and peak resident memory (RSS sampled every 5 ms by a thread; the
+``+MB`` column is the peak above the RSS when the stage began):
+
+* ``write``: structures (setup, not a goal), then feature blobs (rows/s: atom rows; label rows);
+* ``read``: the store read ``select_batch`` makes, chunked into one preallocated float32 array,
+  side by side with the old path (``get_features`` list of float64 arrays + ``np.concatenate``);
+* ``whiten``: ``H.variance`` of what the selector scores (the one O(N d²) pass; not for dopt);
+* ``select``: the selector's ``select`` on those inputs;
+* ``write-selection``: ``add_selection`` + ``request_labels``;
+* ``select_batch``: the whole step end to end in a fresh process (its own peak RSS: ``ru_maxrss``),
+  after importing torch + MACE, which ``ensure_hessian`` does and a campaign process already has
+  (timed on its own).
+
+Each selector runs in a fresh child process, so one's peak does not hide another's.
+
+    .venv/bin/python benchmarks/bench_select_path.py            # 1e6 atoms (a few minutes)
+    .venv/bin/python benchmarks/bench_select_path.py --quick    # 1e5 atoms
+    .venv/bin/python benchmarks/bench_select_path.py --backend postgresql --url postgresql+psycopg://...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine_report, table  # noqa: E402
+
+from alforge.storage import Store  # noqa: E402
+
+ELEMENTS = (29, 47)  # Cu, Ag
+SELECTORS = ("mig", "mig_label", "dopt")
+#: The labeller identity recorded with the label requests (no labeller runs here).
+CALCULATOR, PARAMS_HASH = "emt", "bench"
+
+
+@dataclass(frozen=True)
+class Campaign:
+    """Ids of a synthetic campaign: the candidate pool is shared by every selection iteration."""
+
+    url: str
+    campaign_id: int
+    model_id: int
+    candidate_ids: list[int]
+    train_ids: list[int]
+    dim: int
+
+
+def _features(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """Correlated Gaussian rows with a decaying spectrum (like real last-layer features)."""
+    return rng.standard_normal((n, d)) / np.sqrt(np.arange(1, d + 1))
+
+
+def _cells(rng: np.random.Generator, count: int, n_atoms: int) -> list:
+    """Random two-element cells (distinct, so the store's dedup keeps every one)."""
+    from ase import Atoms
+
+    side = (n_atoms * 12.0) ** (1 / 3)
+    return [
+        Atoms(
+            numbers=rng.choice(ELEMENTS, n_atoms),
+            positions=rng.uniform(0, side, (n_atoms, 3)),
+            cell=[side] * 3,
+            pbc=True,
+        )
+        for _ in range(count)
+    ]
+
+
+def _label_factor(rng: np.random.Generator, n_atoms: int, d: int) -> np.ndarray:
+    """A stand-in ``R_s``: ``min(3n + 1, d)`` rows, as :func:`alforge.mlip.jacobians.label_rows` gives."""
+    return 0.3 * _features(rng, min(3 * n_atoms + 1, d), d)
+
+
+def build_campaign(
+    url: str,
+    n_atoms: int,
+    atoms_per_structure: int = 64,
+    dim: int = 128,
+    n_train: int = 40,
+    label_rows: bool = True,
+    seed: int = 0,
+    chunk: int = 256,
+    timings: dict[str, float] | None = None,
+) -> Campaign:
+    """Write the synthetic campaign into the store at ``url`` (module docstring); ``timings`` gets
+    the seconds of each write phase (``structures``, ``features``, ``label_rows``)."""
+    from alforge.mlip.jacobians import LossWeights
+    from alforge.tasks.featurize import LABEL_ROWS, LAST_LAYER
+    from alforge.uncertainty.rigidity import data_matrix
+
+    timings = {} if timings is None else timings
+    rng = np.random.default_rng(seed)
+    store = Store(url)
+    cid = store.get_or_create_campaign("bench-select-path", {"bench": True})
+    it = store.get_or_create_iteration(cid, 0)
+    n_cand = max(1, n_atoms // atoms_per_structure)
+    start = time.perf_counter()
+    train_ids = store.add_structures(cid, _cells(rng, n_train, atoms_per_structure), role="seed", source="seed")
+    cand_ids: list[int] = []
+    for first in range(0, n_cand, 1000):
+        cells = _cells(rng, min(1000, n_cand - first), atoms_per_structure)
+        cand_ids += store.add_structures(cid, cells, role="candidate", source="pool")
+    timings["structures"] = time.perf_counter() - start
+    model_id = store.add_model(cid, it, "/nonexistent/bench.model", train_ids, {})
+
+    weights = LossWeights(energy=1.0, forces=10.0)
+    train_blocks = []
+    timings["features"] = timings["label_rows"] = 0.0
+    for ids, is_train in ((train_ids, True), (cand_ids, False)):
+        for first in range(0, len(ids), chunk):
+            part = ids[first : first + chunk]
+            feats = {i: _features(rng, atoms_per_structure, dim) for i in part}
+            t0 = time.perf_counter()
+            store.put_features(model_id, {LAST_LAYER: (feats, "<f8")})
+            timings["features"] += time.perf_counter() - t0
+            if label_rows or is_train:
+                blocks = {i: _label_factor(rng, atoms_per_structure, dim) for i in part}
+                if is_train:
+                    train_blocks += list(blocks.values())
+                t0 = time.perf_counter()
+                store.put_features(model_id, {LABEL_ROWS: (blocks, "<f8")})
+                timings["label_rows"] += time.perf_counter() - t0
+    regularizer = 1e-3
+    matrix = data_matrix(train_blocks, dim)
+    matrix[np.diag_indices(dim)] += regularizer**2
+    store.put_hessian(model_id, "loss", matrix, regularizer, "given", weights.to_dict(), n_train)
+    store.close()
+    return Campaign(url, cid, model_id, cand_ids, train_ids, dim)
+
+
+class PeakRSS:
+    """The process's resident set size, sampled every ``interval`` s by a daemon thread; :meth:`stage`
+    measures one stage's peak."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._peak = self.now()
+        self._interval = interval
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def now(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while True:
+            self._peak = max(self._peak, self.now())
+            time.sleep(self._interval)
+
+    @contextmanager
+    def stage(self, record: dict[str, Any]) -> Iterator[None]:
+        """Fill ``record`` with ``s``, ``peak_mb`` and ``extra_mb`` (the peak above the starting RSS)."""
+        base = self._peak = self.now()
+        start = time.perf_counter()
+        yield
+        record["s"] = time.perf_counter() - start
+        peak = max(self._peak, self.now())
+        record["peak_mb"], record["extra_mb"] = peak / 2**20, (peak - base) / 2**20
+
+
+def _inputs(name: str, campaign: Campaign, hessian: Any) -> tuple[Any, dict[str, Any], Any]:
+    """``(candidates, context, train)`` exactly as ``select_batch`` assembles them for ``name``."""
+    from alforge.tasks import select as sel
+    from alforge.tasks.featurize import atom_features
+
+    url, mid, cands = campaign.url, campaign.model_id, campaign.candidate_ids
+    if name == "dopt":
+        store = Store(url)
+        rows, groups = atom_features(url, mid, cands, sel.ROW_DTYPE)
+        train, _ = atom_features(url, mid, campaign.train_ids, sel.ROW_DTYPE)
+        context = {
+            "groups": groups,
+            "elements": sel._numbers(store, cands),
+            "train_elements": sel._numbers(store, campaign.train_ids),
+        }
+        return rows, context, train
+    context = {"hessian": hessian}
+    if name == "mig_label":
+        context["label_rows"] = sel._label_blocks(url, mid, cands, hessian)
+    return sel.energy_rows(url, mid, cands, sel.ROW_DTYPE), context, None
+
+
+def _reference_read(name: str, campaign: Campaign) -> None:
+    """The old read: a list of per-structure float64 arrays, then one concatenated copy."""
+    from alforge.tasks.featurize import LABEL_ROWS, LAST_LAYER
+
+    store = Store(campaign.url)
+    kind = LABEL_ROWS if name == "mig_label" else LAST_LAYER
+    per_structure = store.get_features(campaign.model_id, kind, campaign.candidate_ids)
+    if name == "mig":
+        np.stack([f.sum(axis=0) / len(f) for f in per_structure])
+    else:
+        np.concatenate(per_structure)
+
+
+def child(name: str, campaign: Campaign, budget: int) -> dict[str, Any]:
+    """One selector's stages in this (fresh) process; returns the records."""
+    from alforge.config import SelectorConfig, UncertaintyConfig
+    from alforge.selectors import make_selector
+    from alforge.tasks.hessian import ensure_hessian
+    from alforge.tasks.select import _configured, select_batch
+
+    store = Store(campaign.url)
+    cfg, unc = SelectorConfig(name=name, batch_size=budget), UncertaintyConfig()
+    out: dict[str, Any] = {}
+    # ensure_hessian imports LossWeights from alforge.mlip.jacobians, i.e. torch and MACE: seconds
+    # a campaign process (which trains) has already paid, so timed on its own
+    start = time.perf_counter()
+    import alforge.mlip.jacobians  # noqa: F401
+
+    out["import torch + MACE (ensure_hessian)"] = {
+        "s": time.perf_counter() - start, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    # end to end next, so ru_maxrss is select_batch's own peak (imports included)
+    it = store.get_or_create_iteration(campaign.campaign_id, 1 + SELECTORS.index(name))
+    start = time.perf_counter()
+    result = select_batch.fn(campaign.url, campaign.campaign_id, it, campaign.model_id, cfg, CALCULATOR, PARAMS_HASH, unc)
+    out["select_batch"] = {
+        "s": time.perf_counter() - start,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "picked": result["picked"],
+        "n_candidates": result["n_candidates"],
+    }
+    rss = PeakRSS()
+    hessian = ensure_hessian(campaign.url, campaign.model_id) if make_selector(name).uses_hessian else None
+    selector = _configured(cfg, 0, 0, hessian)
+    out["read"] = {}
+    with rss.stage(out["read"]):
+        candidates, context, train = _inputs(name, campaign, hessian)
+    out["read (old: list + concatenate, float64)"] = {}
+    with rss.stage(out["read (old: list + concatenate, float64)"]):
+        _reference_read(name, campaign)
+    if hessian is not None:
+        out["whiten"] = {}
+        with rss.stage(out["whiten"]):
+            if name == "mig_label":
+                hessian.variance(context["label_rows"][0].base if context["label_rows"] else candidates)
+            else:
+                hessian.variance(candidates)
+    out["select"] = {}
+    with rss.stage(out["select"]):
+        picked = selector.select(candidates, budget, train=train, **context)
+    ids = [campaign.candidate_ids[int(i)] for i in picked.indices]
+    out["select"]["same_picks_as_select_batch"] = ids == result["picked"]
+    out["write-selection"] = {}
+    with rss.stage(out["write-selection"]):
+        it2 = store.get_or_create_iteration(campaign.campaign_id, 10 + SELECTORS.index(name))
+        store.add_selection(it2, campaign.model_id, name, selector.get_params(), campaign.candidate_ids, ids,
+                            picked.scores, picked.info)
+        store.request_labels(ids, CALCULATOR, PARAMS_HASH)
+    return out
+
+
+def _run_child(name: str, campaign: Campaign, budget: int) -> dict[str, Any]:
+    """:func:`child` in a fresh interpreter (its peak RSS is its own)."""
+    spec = json.dumps({**campaign.__dict__, "selector": name, "budget": budget})
+    proc = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{name} child failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _read_throughput(campaign: Campaign, rss: PeakRSS) -> list[list[Any]]:
+    """Rows/s of the chunked read (float32 and float64 out) against the old list read."""
+    from alforge.tasks.featurize import LAST_LAYER
+
+    store = Store(campaign.url)
+    rows: list[list[Any]] = []
+    cases: list[tuple[str, Callable[[], Any]]] = [
+        ("get_feature_rows → float32", lambda: store.get_feature_rows(campaign.model_id, LAST_LAYER, campaign.candidate_ids)),
+        ("get_feature_rows → float64", lambda: store.get_feature_rows(campaign.model_id, LAST_LAYER, campaign.candidate_ids, "<f8")),
+        ("get_features list + concatenate (old)", lambda: np.concatenate(store.get_features(campaign.model_id, LAST_LAYER, campaign.candidate_ids))),
+    ]
+    for label, fn in cases:
+        record: dict[str, Any] = {}
+        with rss.stage(record):
+            n = len(fn().rows if label.startswith("get_feature_rows") else fn())
+        rows.append([label, n, record["s"], n / record["s"], record["peak_mb"], record["extra_mb"]])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--atoms", type=float, default=1e6, help="candidate atoms (default 1e6)")
+    parser.add_argument("--quick", action="store_true", help="1e5 atoms")
+    parser.add_argument("--atoms-per-structure", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--train", type=int, default=40, help="training cells")
+    parser.add_argument("--budget", type=int, default=100)
+    parser.add_argument("--selectors", default=",".join(SELECTORS))
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--url", help="an empty PostgreSQL database for --backend postgresql")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        name, budget = spec.pop("selector"), spec.pop("budget")
+        print(json.dumps(child(name, Campaign(**spec), budget), default=float))
+        return
+    n_atoms = int(1e5 if args.quick else args.atoms)
+    selectors = [s for s in args.selectors.split(",") if s]
+    unknown = set(selectors) - set(SELECTORS)
+    if unknown:
+        parser.error(f"--selectors: unknown {sorted(unknown)}; choose from {SELECTORS}")
+    if args.backend == "postgresql" and not args.url:
+        parser.error("--backend postgresql needs --url (an empty database)")
+    print(machine_report())
+    with tempfile.TemporaryDirectory(prefix="bench-select-path-") as tmp:
+        url = args.url if args.backend == "postgresql" else f"sqlite:///{Path(tmp) / 'store.db'}"
+        rss = PeakRSS()
+        timings: dict[str, float] = {}
+        write: dict[str, Any] = {}
+        with rss.stage(write):
+            campaign = build_campaign(
+                url, n_atoms, args.atoms_per_structure, args.dim, args.train, "mig_label" in selectors,
+                timings=timings,
+            )
+        n_cand = len(campaign.candidate_ids)
+        feat_rows = (n_cand + args.train) * args.atoms_per_structure
+        label_rows = (n_cand if "mig_label" in selectors else 0) + args.train
+        label_rows *= min(3 * args.atoms_per_structure + 1, args.dim)
+        print(
+            f"\n{args.backend} store: {n_cand} candidate cells × {args.atoms_per_structure} atoms = "
+            f"{n_cand * args.atoms_per_structure} candidate atoms, d={args.dim}, {args.train} training cells, "
+            f"budget {args.budget}"
+        )
+        print("\nwrite (through Store.put_features, 256 structures per call; peak RSS of the whole build "
+              f"{write['peak_mb']:.0f} MB)")
+        print(table(
+            ["what", "rows", "s", "rows/s"],
+            [
+                ["structures (add_structures; setup)", n_cand + args.train, timings["structures"],
+                 (n_cand + args.train) / timings["structures"]],
+                ["last_layer atom rows (float64 blobs)", feat_rows, timings["features"], feat_rows / timings["features"]],
+                ["label rows R_s (float64 blobs)", label_rows, timings["label_rows"], label_rows / timings["label_rows"]],
+            ],
+        ))
+        print("\nread of every candidate's last_layer rows")
+        print(table(["how", "rows", "s", "rows/s", "peak MB", "+MB"], _read_throughput(campaign, rss)))
+        stage_rows = []
+        for name in selectors:
+            records = _run_child(name, campaign, args.budget)
+            for stage, rec in records.items():
+                note = ""
+                if stage == "select_batch":
+                    note = f"{rec['n_candidates']} candidates, ru_maxrss"
+                elif "same_picks_as_select_batch" in rec:
+                    note = "same picks as select_batch" if rec["same_picks_as_select_batch"] else "PICKS DIFFER"
+                stage_rows.append([name, stage, rec["s"], rec["peak_mb"], rec.get("extra_mb", "-"), note])
+        print(f"\nselection stages (each selector in a fresh process; goal: select_batch < 60 s, < 4096 MB)")
+        print(table(["selector", "stage", "s", "peak MB", "+MB", "note"], stage_rows))
+        print(f"\nload average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
