@@ -7,18 +7,19 @@ other candidate's *stale* bound therefore gives exactly the plain greedy pick, w
 the few candidates near the top instead of all N per step.
 
 Candidates are refreshed in blocks (the current top-k by bound, k growing ×4 until the test
-passes), so refreshing is a small GEMM instead of one Python call per candidate. Small refreshes
-and every commit run on one BLAS thread (see :mod:`alforge.uncertainty.blas_threads`).
+passes), so refreshing is a small GEMM instead of one Python call per candidate. The whole loop
+runs on one BLAS thread (see :mod:`alforge.uncertainty.blas_threads`): it is a long run of tiny
+calls, and switching the thread count costs ~40 µs each time, more than most of the calls. Only
+refresh blocks above :data:`_SMALL_BLOCK` candidates get the default thread count back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import numpy as np
 
-from alforge.uncertainty.blas_threads import single_threaded_blas
+from alforge.uncertainty.blas_threads import _CONTROLLER, single_threaded_blas
 
 #: Refresh blocks up to this many candidates run with one BLAS thread.
 _SMALL_BLOCK = 4096
@@ -62,39 +63,48 @@ def lazy_greedy(
     scores = np.empty(budget, dtype=np.float64)
     n_refreshed = 0
     pool, ceiling = _top(bounds, first_pool, n)
-    for step in range(budget):
-        if pool.size == 0:
-            pool, ceiling = _top(bounds, first_pool, n - step)
-        k = min(first_block, pool.size)
-        while True:
-            if k < pool.size:
-                block = pool[np.argpartition(-bounds[pool], k - 1)[:k]]
-                # Every pool member outside the block has a bound <= the block's smallest.
-                outside = max(bounds[block].min(), ceiling)
-            else:
-                block, outside = pool, ceiling
-            stale = block[fresh_at[block] < step]
-            if stale.size:
-                threads = single_threaded_blas() if stale.size <= _SMALL_BLOCK else nullcontext()
-                with threads:
-                    bounds[stale] = refresh(stale, bounds[stale], fresh_at[stale])
-                fresh_at[stale] = step
-                n_refreshed += stale.size
-            best = int(block[np.argmax(bounds[block])])
-            if bounds[best] >= outside:
-                break
-            if k < pool.size:
-                k = min(4 * k, pool.size)
-            else:
-                pool, ceiling = _top(bounds, 4 * pool.size, n - step)
-                k = min(4 * k, pool.size)
-        picks[step] = best
-        scores[step] = bounds[best]
-        with single_threaded_blas():
+    threads = _blas_threads()
+    with single_threaded_blas():
+        for step in range(budget):
+            if pool.size == 0:
+                pool, ceiling = _top(bounds, first_pool, n - step)
+            k = min(first_block, pool.size)
+            while True:
+                if k < pool.size:
+                    block = pool[np.argpartition(-bounds[pool], k - 1)[:k]]
+                    # Every pool member outside the block has a bound <= the block's smallest.
+                    outside = max(bounds[block].min(), ceiling)
+                else:
+                    block, outside = pool, ceiling
+                stale = block[fresh_at[block] < step]
+                if stale.size:
+                    if stale.size > _SMALL_BLOCK:
+                        with _CONTROLLER.limit(limits=threads, user_api="blas"):
+                            bounds[stale] = refresh(stale, bounds[stale], fresh_at[stale])
+                    else:
+                        bounds[stale] = refresh(stale, bounds[stale], fresh_at[stale])
+                    fresh_at[stale] = step
+                    n_refreshed += stale.size
+                best = int(block[np.argmax(bounds[block])])
+                if bounds[best] >= outside:
+                    break
+                if k < pool.size:
+                    k = min(4 * k, pool.size)
+                else:
+                    pool, ceiling = _top(bounds, 4 * pool.size, n - step)
+                    k = min(4 * k, pool.size)
+            picks[step] = best
+            scores[step] = bounds[best]
             commit(best)
-        bounds[best] = -np.inf
-        pool = pool[pool != best]
+            bounds[best] = -np.inf
+            pool = pool[pool != best]
     return picks, scores, n_refreshed
+
+
+def _blas_threads() -> int:
+    """The BLAS thread count in force now, restored inside the one-thread loop for big blocks."""
+    counts = [m["num_threads"] for m in _CONTROLLER.select(user_api="blas").info()]
+    return max(counts, default=1)
 
 
 def _top(bounds: np.ndarray, size: int, remaining: int) -> tuple[np.ndarray, float]:
