@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.linalg import LinAlgWarning, lu_factor, lu_solve
+from scipy.linalg import LinAlgWarning, lu_factor, lu_solve, qr
 from scipy.linalg.blas import dger, idamax, isamax, sger
 
 from alforge.selectors import register
@@ -44,6 +44,10 @@ from alforge.uncertainty.rigidity import iter_chunks
 
 #: Columns of the coefficient matrix per chunk in the swap pass: ~2 MB, cache-resident.
 _SWAP_CHUNK_BYTES = 2 * 2**20
+#: Rows per block of the float32 Fortran-order copy made for the starting LU.
+_TRANSPOSE_ROWS = 2048
+#: Values per chunk of the streamed coefficient passes (2 MB of float64).
+_PASS_CHUNK_VALUES = 2**18
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,8 @@ def maxvol(
     can grow ``|det A|`` by more than ``tol`` (> 1). ``start`` gives the initial rows (default: LU
     pivots); ``max_swaps`` (default 100·d) is a guard: every swap grows ``|det A|`` by > ``tol``,
     so the loop ends, but ``tol`` barely above 1 can take many swaps.
-    Memory: one d × n coefficient matrix (float32 while swapping, then float64 to verify).
+    Memory: a float32 copy of ``features`` and one float32 d × n coefficient matrix (a float64
+    one only if the float64 check finds a coefficient above ``tol``).
     """
     f = check_features("features", features)
     n, d = f.shape
@@ -94,10 +99,12 @@ def maxvol(
         raise ValueError(
             f"tol must be > 1 (at 1 rounding makes active rows swap forever), got {tol}"
         )
+    # One float32 Fortran-order copy serves the starting LU and both coefficient GEMMs.
+    x32 = _fortran_float32(f)
     if start is None:
         # The start only has to be good, not exact: pivots from a float32 LU cost a quarter of
         # a float64 one here. The stopping test is always made on float64 coefficients.
-        _, pivots = lu_factor(np.asarray(f, dtype=np.float32), check_finite=False)
+        _, pivots = lu_factor(x32, check_finite=False)
         order = np.arange(n)
         for k, p in enumerate(pivots):
             order[k], order[p] = order[p], order[k]
@@ -107,24 +114,116 @@ def maxvol(
         if rows.shape != (d,) or len(np.unique(rows)) != d or rows.min() < 0 or rows.max() >= n:
             raise ValueError(f"start must hold {d} distinct row indices of features, got {start!r}")
     limit = 100 * d if max_swaps is None else max_swaps
-    n_swaps = 0
-    # The swap pass is memory-bound BLAS-2 over a d × n coefficient matrix. Swapping first in
-    # float32 halves that traffic; the float64 pass that follows recomputes the coefficients from
-    # the rows reached, checks every one against `tol` exactly and swaps further if rounding left
-    # any above it, so the result carries the same guarantee as an all-float64 run.
-    for dtype, ger, iamax in ((np.float32, sger, isamax), (np.float64, dger, idamax)):
-        with single_threaded_blas():
-            lu, piv = _lu_or_raise("features", np.asarray(f[rows], dtype=np.float64))
-            a_inv = lu_solve((lu, piv), np.eye(d), check_finite=False)
-        # coef[:, j] = (f_j A⁻¹)ᵀ: one GEMM, whose C-order (n, d) result is the Fortran-order
-        # (d, n) layout the swaps need (column chunks contiguous for ger and i?amax).
-        coef = (np.asarray(f, dtype=dtype) @ a_inv.astype(dtype)).T
-        done, converged = _swaps(coef, rows, tol, limit - n_swaps, ger, iamax)
+    # The swap pass is memory-bound BLAS-2 over a d × n coefficient matrix: float32 halves that
+    # traffic. The check that follows recomputes the coefficients of the rows reached from
+    # scratch (float32 GEMM), bounds their rounding error rigorously and recomputes in float64
+    # every row the bound cannot clear (_rows_to_check); only if one of those is above `tol`
+    # does it build the float64 matrix and swap further. So the result carries the same
+    # guarantee as an all-float64 run.
+    coef = np.empty((d, n), dtype=np.float32, order="F")
+    np.matmul(x32, _active_inverse(f, rows).astype(np.float32), out=coef.T)
+    n_swaps, converged = _swaps(coef, rows, tol, limit, sger, isamax)
+    a_inv = _active_inverse(f, rows)
+    np.matmul(x32, a_inv.astype(np.float32), out=coef.T)
+    del x32
+    suspects = _rows_to_check(coef, np.asarray(f[rows], dtype=np.float64), a_inv, tol)
+    del coef
+    if _any_above(f, suspects, a_inv, tol):
+        coef64 = np.empty((d, n), dtype=np.float64, order="F")
+        _coefficients(f, a_inv, coef64)
+        done, converged = _swaps(coef64, rows, tol, limit - n_swaps, dger, idamax)
         n_swaps += done
+    else:
+        converged = True
     with single_threaded_blas():
         lu, _ = _lu_or_raise("features", np.asarray(f[rows], dtype=np.float64))
     log_abs_det = float(np.sum(np.log(np.abs(np.diag(lu)))))
     return MaxVolResult(rows, log_abs_det, n_swaps, converged)
+
+
+_U32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
+_U64 = float(np.finfo(np.float64).eps) / 2
+
+
+def _norm2_bound(matrix: np.ndarray) -> float:
+    """An upper bound of the spectral norm: ``sqrt(‖A‖₁ ‖A‖∞)`` (Hölder)."""
+    absolute = np.abs(matrix)
+    return float(np.sqrt(absolute.sum(axis=0).max() * absolute.sum(axis=1).max()))
+
+
+def _rows_to_check(
+    coef: np.ndarray, active: np.ndarray, a_inv: np.ndarray, tol: float
+) -> np.ndarray:
+    """Rows whose float32 coefficients ``coef`` (d, n) = fl32(fl32(F) fl32(A⁻¹)) cannot prove
+    ``max_i |(f_j A⁻¹)_i| ≤ tol``.
+
+    Rounding model: ``|ĉ_ji − c_ji| ≤ κ ‖f_j‖`` with ``κ = 2((d + 2) u₃₂ + d u₆₄ cond(A)) ν``,
+    ``ν`` the largest column norm of ``A⁻¹`` (the casts and the length-d dot products, plus the
+    float64 inverse's own error; doubled for safety). Since ``f_j = c_j A``,
+    ``‖f_j‖ ≤ √d ‖A‖₂ ‖c_j‖∞``, so with ``ρ = κ √d ‖A‖₂ < 1`` the true largest coefficient is at
+    most ``m_j / (1 − ρ)`` (``m_j`` the float32 one): only rows with ``m_j > tol (1 − ρ)`` need
+    float64. ``ρ`` grows with ``cond(A)``; an ill-conditioned active set checks every row.
+    """
+    d, n = coef.shape
+    a_norm = _norm2_bound(active)
+    cond = a_norm * _norm2_bound(a_inv)
+    nu = float(np.sqrt(np.einsum("ij,ij->j", a_inv, a_inv).max()))
+    rho = 2.0 * ((d + 2) * _U32 + d * _U64 * cond) * nu * np.sqrt(d) * a_norm
+    if not rho < 0.5:
+        return np.arange(n)
+    largest = np.empty(n, dtype=np.float32)
+    for cols in _cache_chunks(n, d):
+        block = coef[:, cols]
+        np.maximum(block.max(axis=0), -block.min(axis=0), out=largest[cols])
+    return np.flatnonzero(largest > tol * (1.0 - rho))
+
+
+def _fortran_float32(f: np.ndarray) -> np.ndarray:
+    """``f`` as a Fortran-order float32 copy (LAPACK's layout), cast and transposed in row blocks
+    (a whole-array ``asfortranarray`` is a cache-hostile strided copy, ~3× slower here)."""
+    out = np.empty(f.shape, dtype=np.float32, order="F")
+    step = max(1, _TRANSPOSE_ROWS)
+    for start in range(0, len(f), step):
+        out[start : start + step] = f[start : start + step]
+    return out
+
+
+def _active_inverse(f: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``A⁻¹`` (float64) of the active rows, with the rank test of :func:`_lu_or_raise`."""
+    with single_threaded_blas():
+        lu, piv = _lu_or_raise("features", np.asarray(f[rows], dtype=np.float64))
+        return lu_solve((lu, piv), np.eye(len(rows)), check_finite=False)
+
+
+def _coefficients(f: np.ndarray, a_inv: np.ndarray, out: np.ndarray) -> None:
+    """``out[:, j] = (f_j A⁻¹)ᵀ`` into the Fortran-order (d, n) ``out``, in row chunks: the
+    C-order (m, d) product of a chunk is exactly the memory of ``out[:, chunk]``, so each GEMM
+    writes in place, and float64 input is cast to ``out``'s dtype a chunk at a time."""
+    buf = None
+    for rows in _cache_chunks(len(f), f.shape[1]):
+        block = f[rows]
+        if block.dtype != out.dtype:
+            if buf is None:
+                buf = np.empty((rows.stop - rows.start, f.shape[1]), dtype=out.dtype)
+            np.copyto(buf[: len(block)], block, casting="same_kind")
+            block = buf[: len(block)]
+        np.matmul(block, a_inv, out=out[:, rows].T)
+
+
+def _any_above(f: np.ndarray, rows: np.ndarray, a_inv: np.ndarray, tol: float) -> bool:
+    """Whether some float64 coefficient ``|f_j A⁻¹|`` of the rows ``rows`` exceeds ``tol``
+    (streamed in chunks, nothing kept)."""
+    for part in _cache_chunks(len(rows), f.shape[1]):
+        block = np.asarray(f[rows[part]], dtype=np.float64) @ a_inv
+        if block.max() > tol or -block.min() > tol:
+            return True
+    return False
+
+
+def _cache_chunks(n: int, d: int) -> list[slice]:
+    """Row slices of about 2 MB of float64 each, so a chunk and its product stay in cache."""
+    step = max(1, _PASS_CHUNK_VALUES // max(d, 1))
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
 
 
 def _swaps(coef: np.ndarray, rows: np.ndarray, tol: float, limit: int, ger, iamax) -> tuple[int, bool]:
@@ -252,30 +351,54 @@ def build_active_set(
     ``start``: initial active rows (used when it has as many rows as the span's rank);
     ``fallback_scale``: the typical row norm to measure residuals in when ``pool`` is empty.
     """
-    pool = np.asarray(pool, dtype=np.float64)
+    pool = np.asarray(pool)
+    if pool.dtype not in (np.float32, np.float64):
+        pool = pool.astype(np.float64)
     n, d = pool.shape
     if n == 0:
         return ActiveSet(pool, np.zeros((d, 0)), np.zeros((0, 0)), span_tol * fallback_scale)
-    with single_threaded_blas():
-        _, sing, vt = np.linalg.svd(pool, full_matrices=False)
+    sing, vt = _singular_values(pool)
     rank = int(np.count_nonzero(sing > span_tol * sing[0])) if sing[0] > 0 else 0
     if rank == 0:
-        return ActiveSet(pool[:0], np.zeros((d, 0)), np.zeros((0, 0)), span_tol * fallback_scale)
+        empty = np.zeros((0, d))
+        return ActiveSet(empty, np.zeros((d, 0)), np.zeros((0, 0)), span_tol * fallback_scale)
     basis = None if rank == d else vt[:rank].T
     coords = pool if basis is None else pool @ basis
     if start is not None and len(start) != rank:
         start = None
     result = maxvol(coords, tol=tol, start=start)
-    active = pool[result.rows]
+    active = np.asarray(pool[result.rows], dtype=np.float64)
     with single_threaded_blas():
-        inverse = np.linalg.inv(coords[result.rows])
+        inverse = np.linalg.inv(np.asarray(coords[result.rows], dtype=np.float64))
     scale = span_tol * float(np.sqrt(np.mean(np.einsum("ij,ij->i", active, active))))
     if basis is not None:
         # The training rows' own out-of-span residuals (at most the first discarded singular
         # value) set the floor, so a training atom never grades above 1 for lying outside the span.
-        residual = pool - coords @ basis.T
-        scale = max(scale, float(np.sqrt(np.einsum("ij,ij->i", residual, residual).max())))
+        worst = 0.0
+        for chunk in iter_chunks(n, d):
+            block = np.asarray(pool[chunk], dtype=np.float64)
+            residual = block - coords[chunk] @ basis.T
+            worst = max(worst, float(np.einsum("ij,ij->i", residual, residual).max()))
+        scale = max(scale, float(np.sqrt(worst)))
     return ActiveSet(active, basis, inverse, scale)
+
+
+def _singular_values(pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Singular values and ``Vᵀ`` of ``pool`` (n, d) in float64 without an n-row float64 array.
+
+    A tall-skinny QR streamed over row chunks (``R ← qr([R; chunk])``, each chunk upcast on its
+    own) leaves the d × d triangle ``R`` with ``RᵀR = poolᵀpool`` and the same singular values and
+    right vectors, which one small SVD then gives — the QR-first route LAPACK's own SVD takes for
+    tall matrices, without forming ``U``.
+    """
+    triangle: np.ndarray | None = None
+    with single_threaded_blas():
+        for chunk in iter_chunks(len(pool), pool.shape[1]):
+            block = np.asarray(pool[chunk], dtype=np.float64)
+            stacked = block if triangle is None else np.vstack([triangle, block])
+            triangle = qr(stacked, mode="r", check_finite=False)[0]
+        _, sing, vt = np.linalg.svd(triangle, full_matrices=False)
+    return sing, vt
 
 
 def active_sets(
@@ -401,7 +524,7 @@ class DOptimal(Selector):
                 train[train_elements == element], self.tol, None, self.span_tol, fallback
             )
             states[element] = _ElementState(active, atoms)
-            grade[atoms] = active.grade(candidates[atoms], self.norm)
+            _grade_into(grade, active, candidates, atoms, self.norm)
 
         by_structure = np.argsort(owner, kind="stable")
         first_atom = np.searchsorted(owner[by_structure], np.arange(len(structure_ids)))
@@ -435,12 +558,24 @@ class DOptimal(Selector):
                     fallback,
                 )
                 state.active = active
-                grade[state.atoms] = active.grade(candidates[state.atoms], self.norm)
+                _grade_into(grade, active, candidates, state.atoms, self.norm)
         return Selection(
             structure_ids[np.asarray(picks, dtype=np.int64)],
             np.asarray(scores),
             info={"filled_below_threshold": filled, "stopped_at_threshold": stopped},
         )
+
+
+def _grade_into(
+    grade: np.ndarray, active: ActiveSet, candidates: np.ndarray, atoms: np.ndarray, norm: str
+) -> None:
+    """``grade[atoms] = γ`` of those candidate rows, gathering them a chunk at a time (a pick
+    re-grades every atom of its elements, so a whole-element gather would copy them per pick)."""
+    if len(atoms) == len(candidates):  # one element: ``atoms`` is every row, in order
+        grade[:] = active.grade(candidates, norm)
+        return
+    for part in iter_chunks(len(atoms), candidates.shape[1]):
+        grade[atoms[part]] = active.grade(candidates[atoms[part]], norm)
 
 
 def _labels(context: dict[str, Any], key: str, length: int) -> np.ndarray:
