@@ -10,6 +10,9 @@ and compiles a Cython extension), so this script uses its pure-Python ``py_maxvo
 unpacked sdist (``pip download --no-deps --no-build-isolation maxvolpy``) when it is not installed.
 
     .venv/bin/python benchmarks/bench_maxvol.py --maxvolpy-src /tmp/mvp/maxvolpy-0.3.8
+
+The two alternate ``--repeats`` times (default 5); the table gives the median and range of each
+and the ratio of the medians.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -51,7 +55,7 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=128)
     parser.add_argument("--tol", type=float, default=1.01)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--maxvolpy-src", default=None)
     args = parser.parse_args()
     print(machine_report())
@@ -59,29 +63,32 @@ def main() -> None:
     features = rng.normal(size=(args.n, args.r)) / np.sqrt(np.arange(1, args.r + 1))
     py_maxvol = load_py_maxvol(args.maxvolpy_src)
 
-    # Interleaved best-of-N for both: the machine is shared, so load changes between runs.
-    t_ours = t_theirs = float("inf")
+    # Interleaved runs (ours, theirs, ours, ...): the machine is shared and its load drifts, so
+    # both see the same conditions on average; medians and ranges are reported.
+    t_ours, t_theirs = [], []
     for _ in range(args.repeats):
         ours, seconds = timed(lambda: maxvol(features, tol=args.tol))
-        t_ours = min(t_ours, seconds)
+        t_ours.append(seconds)
         (theirs, _), seconds = timed(lambda: py_maxvol(features, args.tol, 100 * args.r))
-        t_theirs = min(t_theirs, seconds)
+        t_theirs.append(seconds)
     logdet_ours, coef_ours = check(features, ours.rows)
     logdet_theirs, coef_theirs = check(features, np.asarray(theirs))
     same = sorted(ours.rows.tolist()) == sorted(np.asarray(theirs).tolist())
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
-        f"\nMaxVol: N={args.n}, r={args.r}, tol={args.tol}, float64, "
-        f"best of {args.repeats} interleaved runs each"
+        f"\nMaxVol: N={args.n}, r={args.r}, tol={args.tol}, float64 input, {args.repeats} "
+        f"interleaved runs each (median [min–max] s; load avg after: {load})"
     )
     print(
         table(
-            ["method", "time s", "speed-up", "swaps", "log|det A|", "max |F A^-1|", "same rows"],
+            ["method", "time s", "speed-up (medians)", "swaps", "log|det A|", "max |F A^-1|",
+             "same rows"],
             [
-                ["maxvolpy py_maxvol", t_theirs, 1.0, "-", logdet_theirs, coef_theirs, "-"],
+                ["maxvolpy py_maxvol", spread(t_theirs), 1.0, "-", logdet_theirs, coef_theirs, "-"],
                 [
                     "alforge maxvol",
-                    t_ours,
-                    t_theirs / t_ours,
+                    spread(t_ours),
+                    float(np.median(t_theirs) / np.median(t_ours)),
                     ours.n_swaps,
                     logdet_ours,
                     coef_ours,
@@ -90,6 +97,11 @@ def main() -> None:
             ],
         )
     )
+
+
+def spread(times: list[float]) -> str:
+    """``median [min–max]`` of a list of run times."""
+    return f"{np.median(times):.4g} [{min(times):.4g}–{max(times):.4g}]"
 
 
 if __name__ == "__main__":
