@@ -206,11 +206,12 @@ def _prepared(model_path: Path | torch.nn.Module, atoms_list: Sequence[Atoms], d
 
 #: Atoms per forward pass of :func:`compute_features`, by device type. On the CPU the edge tensors
 #: of a batch (about 40 edges per atom in a metal at r_max 4.5 Å, hundreds of channels per edge
-#: in the tensor product) must stay in cache: batches of 2–4 32-atom Cu cells ran ~40 % faster
-#: than batches of 16 (``benchmarks/bench_features.py``). On CUDA large batches amortise the
-#: kernel launches.
+#: in the tensor product) must stay in cache: 64–256 atoms per batch ran 1.3–2× faster than 32
+#: or ≥ 512 (``benchmarks/bench_features.py --sweep``, 32-atom Cu cells). On CUDA large batches
+#: amortise the kernel launches (not yet measured: no GPU was lent).
 FEATURE_ATOMS_PER_BATCH = {"cpu": 128, "cuda": 4096}
 _DEFAULT_ATOMS = FEATURE_ATOMS_PER_BATCH["cpu"]  # other device types (mps, xpu): untuned
+_Pairs = tuple[torch.Tensor, torch.Tensor]  # (first, inverse) of _edge_pairs, on the device
 
 
 def _graph(
@@ -284,9 +285,6 @@ def _edge_pairs(edge_index: np.ndarray, unit_shifts: np.ndarray) -> tuple[np.nda
     pair = np.minimum(key(sender, receiver, shifts), key(receiver, sender, 2 * reach - shifts))
     _, first, inverse = np.unique(pair, return_index=True, return_inverse=True)
     return first, inverse
-
-
-_Pairs = tuple[torch.Tensor, torch.Tensor]  # (first, inverse) of _edge_pairs, on the device
 
 
 @contextmanager
