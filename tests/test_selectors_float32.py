@@ -157,3 +157,17 @@ def test_dopt_float32_inputs_equal_naive_reference(seed, n_train_b, threshold):
     )
     assert selection.indices.tolist() == picks
     np.testing.assert_allclose(selection.scores, scores, rtol=1e-6)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_maxvol_split_swap_pass_equals_naive_swaps(workers, monkeypatch):
+    # Many small column chunks shared among 1–3 worker threads: the same swaps as the naive loop.
+    import alforge.selectors.dopt as dopt
+
+    monkeypatch.setattr(dopt, "_SWAP_CHUNK_BYTES", 4 * 10 * 7)  # 7 columns per chunk at d = 10
+    monkeypatch.setattr(dopt, "blas_thread_count", lambda: workers)
+    rng = np.random.default_rng(9)
+    features = rng.normal(size=(400, 10)) * rng.uniform(0.5, 2.0, size=(400, 1))
+    result = maxvol(features, tol=1.01)
+    assert result.converged and result.n_swaps > 0
+    assert result.rows.tolist() == _naive_maxvol(features, 1.01, _lu_rows(features))

@@ -63,7 +63,7 @@ def lazy_greedy(
     scores = np.empty(budget, dtype=np.float64)
     n_refreshed = 0
     pool, ceiling = _top(bounds, first_pool, n)
-    threads = _blas_threads()
+    threads = blas_thread_count()
     with single_threaded_blas():
         for step in range(budget):
             if pool.size == 0:
@@ -101,7 +101,7 @@ def lazy_greedy(
     return picks, scores, n_refreshed
 
 
-def _blas_threads() -> int:
+def blas_thread_count() -> int:
     """The BLAS thread count in force now, restored inside the one-thread loop for big blocks."""
     counts = [m["num_threads"] for m in _CONTROLLER.select(user_api="blas").info()]
     return max(counts, default=1)

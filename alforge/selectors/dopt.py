@@ -12,6 +12,14 @@ coefficient ``|C_ij| > tol``, swap row ``j`` into position ``i`` (``|det A|`` gr
 ``|C_ij|``) and update all coefficients with one rank-1 correction. The next global max is found
 in the same pass over the coefficients as the update (cache-sized column chunks: one BLAS ``ger``
 and one ``i?amax`` each), so a swap costs one read-and-write of the ``d × n`` coefficients.
+The swaps run in float32 (half the memory traffic) with the chunks shared among the BLAS threads;
+a float64 check of the final coefficients, needed only for the rows a rigorous float32 error bound
+cannot clear, keeps the float64 guarantee (:func:`maxvol`).
+
+**Float32 features** (as the store hands them over) stay float32: MaxVol makes its float32 copy
+either way, span bases come from a tall-skinny QR over row chunks, and grades upcast one chunk at
+a time, so no full float64 copy of the candidates or of a training pool is made. The exception is a
+rank-deficient pool, whose (n, r) span coordinates are float64.
 
 **Rank-deficient element blocks** (fewer atoms of an element than ``d``, or linearly dependent
 features): no square ``d × d`` active set exists. Rather than regularising (which would invent
@@ -30,6 +38,7 @@ a training row grades ≤ ``tol``, and a finite feature never grades ``inf``.
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +47,7 @@ from scipy.linalg import LinAlgWarning, lu_factor, lu_solve, qr
 from scipy.linalg.blas import dger, idamax, isamax, sger
 
 from alforge.selectors import register
+from alforge.selectors._greedy import blas_thread_count
 from alforge.selectors.base import Selection, Selector, check_budget, check_features, count_over_threshold
 from alforge.uncertainty.blas_threads import single_threaded_blas
 from alforge.uncertainty.rigidity import iter_chunks
@@ -226,13 +236,37 @@ def _cache_chunks(n: int, d: int) -> list[slice]:
     return [slice(s, min(s + step, n)) for s in range(0, n, step)]
 
 
-def _swaps(coef: np.ndarray, rows: np.ndarray, tol: float, limit: int, ger, iamax) -> tuple[int, bool]:
-    """Greedy swaps in place (``rows`` too) until every ``|coef| ≤ tol``; (swaps made, converged)."""
+def _swaps(
+    coef: np.ndarray, rows: np.ndarray, tol: float, limit: int, ger, iamax
+) -> tuple[int, bool]:
+    """Greedy swaps in place (``rows`` too) until every ``|coef| ≤ tol``; (swaps made, converged).
+
+    Each swap is one pass over ``coef`` in cache-sized column chunks (a BLAS ``ger`` and an
+    ``i?amax`` each). The pass is memory-bound, so the chunks are split into contiguous groups,
+    one per BLAS thread in force (the BLAS calls release the GIL; each runs on one BLAS thread):
+    on a shared machine one group, elsewhere the memory bandwidth of every core. The groups'
+    maxima are combined in column order, so the pick is the sequential loop's.
+    """
     d, n = coef.shape
     step = max(1, _SWAP_CHUNK_BYTES // (coef.itemsize * d))
     chunks = [slice(s, min(s + step, n)) for s in range(0, n, step)]
-    # Memory-bound BLAS-2 on cache-sized chunks: one thread is as fast.
-    with single_threaded_blas():
+    workers = max(1, min(blas_thread_count(), len(chunks)))
+    bounds = np.linspace(0, len(chunks), workers + 1).astype(int)
+    groups = [chunks[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def update(group: list[slice], scale: float, column: np.ndarray, row: np.ndarray):
+        # coef ← coef + scale · column ⊗ row on the group's chunks, and its largest |entry|.
+        best, i, j = -1.0, 0, 0
+        for cols in group:
+            block = coef[:, cols]
+            ger(scale, column, row[cols], a=block, overwrite_a=True)
+            flat = block.ravel(order="F")
+            k = int(iamax(flat))
+            if abs(flat[k]) > best:
+                best, i, j = abs(flat[k]), k % d, cols.start + k // d
+        return best, i, j
+
+    with single_threaded_blas(), ThreadPoolExecutor(workers) as executor:
         i, j = _argmax_abs(coef, chunks, iamax)
         n_swaps = 0
         while abs(coef[i, j]) > tol and n_swaps < limit:
@@ -243,14 +277,11 @@ def _swaps(coef: np.ndarray, rows: np.ndarray, tol: float, limit: int, ger, iama
             rows[i] = j
             n_swaps += 1
             # coef ← coef − (c_j − e_i) coef[i, :] / pivot, fused with the search for the next max.
+            results = executor.map(lambda g: update(g, -1.0 / pivot, column, row), groups)
             best, i, j = -1.0, 0, 0
-            for cols in chunks:
-                block = coef[:, cols]
-                ger(-1.0 / pivot, column, row[cols], a=block, overwrite_a=True)
-                flat = block.ravel(order="F")
-                k = int(iamax(flat))
-                if abs(flat[k]) > best:
-                    best, i, j = abs(flat[k]), k % d, cols.start + k // d
+            for value, gi, gj in results:
+                if value > best:
+                    best, i, j = value, gi, gj
         return n_swaps, bool(abs(coef[i, j]) <= tol)
 
 
