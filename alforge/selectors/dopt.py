@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,7 +267,9 @@ def _swaps(
                 best, i, j = abs(flat[k]), k % d, cols.start + k // d
         return best, i, j
 
-    with single_threaded_blas(), ThreadPoolExecutor(workers) as executor:
+    # One group (small inputs, one BLAS thread) runs inline: no thread to start per call.
+    executor = ThreadPoolExecutor(workers) if workers > 1 else None
+    with single_threaded_blas(), executor or nullcontext():
         i, j = _argmax_abs(coef, chunks, iamax)
         n_swaps = 0
         while abs(coef[i, j]) > tol and n_swaps < limit:
@@ -277,7 +280,11 @@ def _swaps(
             rows[i] = j
             n_swaps += 1
             # coef ← coef − (c_j − e_i) coef[i, :] / pivot, fused with the search for the next max.
-            results = executor.map(lambda g: update(g, -1.0 / pivot, column, row), groups)
+            scale = -1.0 / pivot
+            if executor is None:
+                results = [update(chunks, scale, column, row)]
+            else:
+                results = executor.map(lambda g: update(g, scale, column, row), groups)
             best, i, j = -1.0, 0, 0
             for value, gi, gj in results:
                 if value > best:
