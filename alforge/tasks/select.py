@@ -11,9 +11,10 @@ trained on (METHODS §2), with the training energy weight λ_E as the selector's
 the campaign file sets one: then a structure-level score and the loss Hessian are in the same units.
 
 Every feature array handed to a selector is read from the store in chunks into one preallocated
-:data:`ROW_DTYPE` array (:meth:`Store.get_feature_rows` / :meth:`Store.get_feature_sums`), so a
-pool of a million candidate atoms costs 0.5 GB (d = 128) plus what the selector itself allocates,
-not a list of per-structure float64 arrays plus their concatenation (``benchmarks/bench_select_path.py``).
+array (:meth:`Store.get_feature_rows` / :meth:`Store.get_feature_sums`), float32 for the selectors
+of :data:`FLOAT32_SELECTORS`, so a pool of a million candidate atoms costs 0.5 GB (d = 128) plus what
+the selector itself allocates, not a list of per-structure float64 arrays plus their concatenation
+(``benchmarks/bench_select_path.py``).
 """
 
 from __future__ import annotations
@@ -38,10 +39,16 @@ from alforge.tasks.featurize import (
 from alforge.tasks.hessian import ensure_hessian
 from alforge.uncertainty.rigidity import Hessian
 
-#: Selection inputs are float32: half the memory of the stored float64 features, and the selectors
-#: accumulate their scores in float64, so the picks are those of float64 inputs except at near-ties
-#: (``tests/test_select_stream.py``). The stored features stay float64.
-ROW_DTYPE = np.float32
+#: Selectors whose feature inputs are read as float32: half the memory of the stored float64
+#: features; they score in float64 (or check float32 bounds in float64), so their picks are those of
+#: float64 inputs (tests/test_selectors_float32.py, tests/test_select_stream.py). Every other
+#: selector gets float64 rows, so the scores it records (e.g. lpr's LPR) keep full precision.
+FLOAT32_SELECTORS = frozenset({"mig", "mig_label", "dopt"})
+
+
+def row_dtype(selector_name: str) -> type[np.floating]:
+    """The dtype of the feature rows ``select_batch`` reads for this selector."""
+    return np.float32 if selector_name in FLOAT32_SELECTORS else np.float64
 
 
 def _numbers(store, structure_ids: list[int]) -> np.ndarray:
@@ -63,14 +70,16 @@ def energy_rows(
     return open_store(store_url).get_feature_sums(model_id, LAST_LAYER, structure_ids, dtype=dtype, mean=True)
 
 
-def _label_blocks(store_url: str, model_id: int, ids: list[int], hessian: Hessian) -> list[np.ndarray]:
+def _label_blocks(
+    store_url: str, model_id: int, ids: list[int], hessian: Hessian, dtype: DTypeLike = np.float64
+) -> list[np.ndarray]:
     """What a label of each structure adds to ``H``: its energy + force (+ stress) rows for the
-    loss form, its weighted energy row for the energy-only form; views of one :data:`ROW_DTYPE` array."""
+    loss form, its weighted energy row for the energy-only form; views of one ``dtype`` array."""
     if hessian.form == "energy":
-        rows = energy_rows(store_url, model_id, ids, ROW_DTYPE)
+        rows = energy_rows(store_url, model_id, ids, dtype)
         rows *= np.sqrt(hessian.weights.energy)
         return list(rows[:, None, :])
-    return ensure_label_rows(store_url, model_id, ids, hessian.weights, dtype=ROW_DTYPE)
+    return ensure_label_rows(store_url, model_id, ids, hessian.weights, dtype=dtype)
 
 
 def _configured(cfg: SelectorConfig, seed: int, iteration_index: int, hessian: Hessian | None) -> Selector:
@@ -115,6 +124,7 @@ def select_batch(
         if get_selector_class(cfg.name).uses_hessian:
             hessian = ensure_hessian(store_url, model_id, form=uncertainty.hessian, regularizer=uncertainty.regularizer)
         selector = _configured(cfg, seed, store.iteration(iteration_id).index, hessian)
+        dtype = row_dtype(selector.name)
         context: dict = {} if hessian is None else {"hessian": hessian}
         committee = getattr(selector, "committee_size", 0)
         if committee and candidates:
@@ -135,16 +145,16 @@ def select_batch(
         if selector.needs_targets:
             target_ids = store.structure_ids(campaign_id, role="target")
             rows = energy_rows if hessian is not None else structure_features
-            context["targets"] = rows(store_url, model_id, target_ids, ROW_DTYPE)
+            context["targets"] = rows(store_url, model_id, target_ids, dtype)
         if selector.label_rows != "none" and candidates:
-            context["label_rows"] = _label_blocks(store_url, model_id, candidates, hessian)
+            context["label_rows"] = _label_blocks(store_url, model_id, candidates, hessian, dtype)
         if not candidates:
             picked, scores, info = [], np.empty(0), {"reason": "no candidates"}
         else:
             if selector.level == "atom":
                 # per-atom rows; groups = position of the row's structure in `candidates`
-                cand_rows, groups = atom_features(store_url, model_id, candidates, ROW_DTYPE)
-                train_rows, _ = atom_features(store_url, model_id, train_ids, ROW_DTYPE)
+                cand_rows, groups = atom_features(store_url, model_id, candidates, dtype)
+                train_rows, _ = atom_features(store_url, model_id, train_ids, dtype)
                 context |= {
                     "groups": groups,
                     "elements": _numbers(store, candidates),
@@ -152,13 +162,13 @@ def select_batch(
                 }
                 result = selector.select(cand_rows, cfg.batch_size, train=train_rows, **context)
             elif hessian is not None:
-                cand_rows = energy_rows(store_url, model_id, candidates, ROW_DTYPE)
+                cand_rows = energy_rows(store_url, model_id, candidates, dtype)
                 result = selector.select(cand_rows, cfg.batch_size, **context)
             else:
                 result = selector.select(
-                    structure_features(store_url, model_id, candidates, ROW_DTYPE),
+                    structure_features(store_url, model_id, candidates, dtype),
                     cfg.batch_size,
-                    train=structure_features(store_url, model_id, train_ids, ROW_DTYPE),
+                    train=structure_features(store_url, model_id, train_ids, dtype),
                     **context,
                 )
             picked, scores, info = [candidates[int(i)] for i in result.indices], result.scores, result.info
