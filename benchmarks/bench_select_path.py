@@ -41,7 +41,14 @@ Stages, each with its seconds and peak resident memory (RSS sampled every 5 ms b
 
 Each selector runs in a fresh child process, so one's peak does not hide another's.
 
-    .venv/bin/python benchmarks/bench_select_path.py            # 1e6 atoms (a few minutes)
+Measured on the shared 2-core machine (2026-12-02, load 3-8), 1e6 atoms: the chunked float32
+read 1.8-5.0 s and +65 MB inside ``select_batch`` for mig (old list + concatenate: 2.8-12 s, +960 MB);
+``mig`` select_batch 2.2 s, peak 610 MB (imports included); ``dopt`` select_batch 897 s at load 7
+(its select stage alone 263 s at load 3), peak 1.2 GB: the per-pick re-grading of every candidate
+atom in ``selectors/dopt.py`` is what takes the time, not the read. So ``dopt`` is not in the
+default run; add it with ``--selectors mig,mig_label,dopt``.
+
+    .venv/bin/python benchmarks/bench_select_path.py            # 1e6 atoms, mig + mig_label (a few minutes)
     .venv/bin/python benchmarks/bench_select_path.py --quick    # 1e5 atoms
     .venv/bin/python benchmarks/bench_select_path.py --backend postgresql --url postgresql+psycopg://...
 """
@@ -376,7 +383,10 @@ def main() -> None:
         help="candidate atoms of mig_label's own (smaller) campaign: its greedy rescoring, not the read, "
         "is what does not scale (module docstring)",
     )
-    parser.add_argument("--selectors", default=",".join(SELECTORS))
+    parser.add_argument(
+        "--selectors", default="mig,mig_label",
+        help=f"any of {','.join(SELECTORS)}; dopt at 1e6 atoms takes 5-15 min here (module docstring)",
+    )
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--url", help="an empty PostgreSQL database for --backend postgresql")
     parser.add_argument("--child", help=argparse.SUPPRESS)
