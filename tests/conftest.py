@@ -21,7 +21,11 @@ import pytest
 import yaml
 
 # Before anything imports Prefect: keep its database and settings out of the user's home.
+# One home per pytest-xdist worker (``-n 2``), so two workers never share Prefect's files; the
+# workers inherit the controller's PREFECT_HOME, hence the suffix rather than ``setdefault``.
 os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parent.parent / ".prefect-test"))
+if _worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["PREFECT_HOME"] = f"{os.environ['PREFECT_HOME'].rstrip('/')}-{_worker}"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Tiny models on 2 cores: one intra-op thread is faster than two (thread overhead dominates, and
 # two threads collapse when anything else runs), and it keeps tests deterministic.
