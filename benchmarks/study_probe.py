@@ -286,6 +286,7 @@ def main() -> None:
         args.n_train, args.n_test, args.bootstrap = args.n_train or 12, args.n_test or 16, 50
     workdir = args.workdir or args.out / ("work-quick" if args.quick else "work")
     workdir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     machine = machine_report()
     print(machine, flush=True)
     results = []
