@@ -287,7 +287,8 @@ def main() -> None:
     workdir = args.workdir or args.out / ("work-quick" if args.quick else "work")
     workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    machine = machine_report()
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "workdir")}
+    machine = f"{machine_report()}\nsettings: {json.dumps(settings)}"
     print(machine, flush=True)
     results = []
     for name in args.datasets.split(","):
