@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -308,7 +309,17 @@ def test_a_failed_label_gets_one_new_round_per_pick(store, cid):
     assert store.label_counts(cid) == {"failed": 1}
 
 
-def test_a_run_that_loses_its_lease_stops(store, cid):
+@pytest.fixture
+def default_sigint():
+    """SIGINT as a fresh process has it: an earlier in-process test (``alforge run``'s handlers, or
+    a library's) may have left another disposition in this worker, and the heartbeat interrupts the
+    main thread with SIGINT."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_run_that_loses_its_lease_stops(store, cid, default_sigint):
     with pytest.raises(LeaseLost, match="another run took it over"):
         with campaign_lease(store, cid, "c", ttl=0.4, owner="slow"):
             store.acquire_lease(cid, "slow", HOST, os.getpid(), ttl=-1.0)  # its heartbeat missed
