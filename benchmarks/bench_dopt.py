@@ -15,8 +15,9 @@ Both must give the same picks and scores; the table gives seconds and the ratio.
 Measured on the shared 2-core machine (2026-12-02, load 5-6), d = 128, budget 100: 2e5 atoms,
 former 109 s, kept coefficients 26.6 s (4.1x; a first run 144 s vs 29.7 s, 4.9x), same picks,
 scores equal; 1e6 atoms (``--skip-reference``), 70 s, peak RSS 2.2 GB (the float32 candidates
-0.5 GB and C 1 GB). The rest per pick is the small MaxVol over active set ∪ picked atoms
-(~40 ms per element here), independent of n.
+0.5 GB and C 1 GB). Per pick and element (profiled at 1e5 atoms): the update pass over C,
+a memory-bound read and write (~44 ms per 5e4 atoms), and the small MaxVol over active set ∪
+picked atoms with its span SVD (~60 ms, independent of n); at 1e6 atoms the update pass dominates.
 
     .venv/bin/python benchmarks/bench_dopt.py                     # 2e5 atoms, d = 128, budget 100
     .venv/bin/python benchmarks/bench_dopt.py --atoms 1e6 --skip-reference
