@@ -41,12 +41,12 @@ Stages, each with its seconds and peak resident memory (RSS sampled every 5 ms b
 
 Each selector runs in a fresh child process, so one's peak does not hide another's.
 
-Measured on the shared 2-core machine (2026-12-02, load 3-8), 1e6 atoms: the chunked float32
-read 1.8-5.0 s and +65 MB inside ``select_batch`` for mig (old list + concatenate: 2.8-12 s, +960 MB);
-``mig`` select_batch 2.2 s, peak 610 MB (imports included); ``dopt`` select_batch 897 s at load 7
-(its select stage alone 263 s at load 3), peak 1.2 GB: the per-pick re-grading of every candidate
-atom in ``selectors/dopt.py`` is what takes the time, not the read. So ``dopt`` is not in the
-default run; add it with ``--selectors mig,mig_label,dopt``.
+Measured on this 2-core machine (2026-12-02, load 1.0), 1e6 atoms: write 102k atom rows/s and
+115k label rows/s; the chunked float32 read 493k rows/s, +493 MB (old list + concatenate: +1.9 GB);
+``mig`` select_batch 1.48 s, peak 609 MB; ``mig_label`` on 312 cells 14.2 s. ``dopt``: its select
+stage took 263 s (load 3) before it kept its coefficients; now 29.9 s quiet
+(``benchmarks/bench_dopt.py --atoms 1e6 --skip-reference``). It is not in the default run (the
+build of its pool adds minutes); add it with ``--selectors mig,mig_label,dopt``.
 
     .venv/bin/python benchmarks/bench_select_path.py            # 1e6 atoms, mig + mig_label (a few minutes)
     .venv/bin/python benchmarks/bench_select_path.py --quick    # 1e5 atoms
@@ -385,7 +385,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--selectors", default="mig,mig_label",
-        help=f"any of {','.join(SELECTORS)}; dopt at 1e6 atoms takes 5-15 min here (module docstring)",
+        help=f"any of {','.join(SELECTORS)}; dopt is opt-in (module docstring)",
     )
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--url", help="an empty PostgreSQL database for --backend postgresql")
