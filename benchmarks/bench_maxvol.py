@@ -9,7 +9,7 @@ and compiles a Cython extension), so this script uses its pure-Python ``py_maxvo
 ``pip install maxvolpy`` falls back to when the extension is missing. Point ``--maxvolpy-src`` at an
 unpacked sdist (``pip download --no-deps --no-build-isolation maxvolpy``) when it is not installed.
 
-    .venv/bin/python benchmarks/bench_maxvol.py --maxvolpy-src /tmp/mvp/maxvolpy-0.3.8
+    .venv/bin/python benchmarks/bench_maxvol.py --maxvolpy-src PATH/maxvolpy-0.3.8   # the unpacked sdist
 
 The two alternate ``--repeats`` times (default 5); the table gives the median and range of each
 and the ratio of the medians.
