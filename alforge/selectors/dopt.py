@@ -47,6 +47,7 @@ import numpy as np
 from scipy.linalg import LinAlgWarning, lu_factor, lu_solve, qr
 from scipy.linalg.blas import dgemm, dger, idamax, isamax, sgemm, sger
 
+from alforge.selectors._rounding import U32, U64, abs_norm_bound
 from alforge.selectors import register
 from alforge.selectors._greedy import blas_thread_count
 from alforge.selectors.base import Selection, Selector, check_budget, check_features, count_over_threshold
@@ -152,14 +153,7 @@ def maxvol(
     return MaxVolResult(rows, log_abs_det, n_swaps, converged)
 
 
-_U32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
-_U64 = float(np.finfo(np.float64).eps) / 2
 
-
-def _norm2_bound(matrix: np.ndarray) -> float:
-    """An upper bound of the spectral norm: ``sqrt(‖A‖₁ ‖A‖∞)`` (Hölder)."""
-    absolute = np.abs(matrix)
-    return float(np.sqrt(absolute.sum(axis=0).max() * absolute.sum(axis=1).max()))
 
 
 def _rows_to_check(
@@ -176,10 +170,10 @@ def _rows_to_check(
     float64. ``ρ`` grows with ``cond(A)``; an ill-conditioned active set checks every row.
     """
     d, n = coef.shape
-    a_norm = _norm2_bound(active)
-    cond = a_norm * _norm2_bound(a_inv)
+    a_norm = abs_norm_bound(active)
+    cond = a_norm * abs_norm_bound(a_inv)
     nu = float(np.sqrt(np.einsum("ij,ij->j", a_inv, a_inv).max()))
-    rho = 2.0 * ((d + 2) * _U32 + d * _U64 * cond) * nu * np.sqrt(d) * a_norm
+    rho = 2.0 * ((d + 2) * U32 + d * U64 * cond) * nu * np.sqrt(d) * a_norm
     if not rho < 0.5:
         return np.arange(n)
     largest = np.empty(n, dtype=np.float32)
@@ -487,8 +481,8 @@ _UPDATE_MAX_FRACTION = 0.25
 
 def _set_norms(active: ActiveSet) -> tuple[float, float, float]:
     """(bound of ‖A‖₂, bound of cond(A), ν = largest column norm of A⁻¹) of a full-rank set."""
-    a_norm = _norm2_bound(active.rows)
-    cond = a_norm * _norm2_bound(active.inverse)
+    a_norm = abs_norm_bound(active.rows)
+    cond = a_norm * abs_norm_bound(active.inverse)
     nu = float(np.sqrt(np.einsum("ij,ij->j", active.inverse, active.inverse).max()))
     return a_norm, cond, nu
 
@@ -553,7 +547,7 @@ class _Coefficients:
             np.matmul(block.astype(_COEF_DTYPE, copy=False), inverse, out=self.coef[:, part].T)
         _, cond, nu = _set_norms(active)
         unit = float(np.finfo(_COEF_DTYPE).eps) / 2
-        self.kappa = 2.0 * ((d + 2) * unit + d * _U64 * cond) * nu
+        self.kappa = 2.0 * ((d + 2) * unit + d * U64 * cond) * nu
         self.base = active.rows  # A₀, for τ
         self.tau = 1.0
         self.rho = np.zeros(len(atoms))
@@ -562,7 +556,7 @@ class _Coefficients:
 
     def _set_slack(self, cond: float, nu: float) -> None:
         d = self.coef.shape[0]
-        per_norm = self.kappa * self.tau + 2.0 * d * _U64 * cond * nu
+        per_norm = self.kappa * self.tau + 2.0 * d * U64 * cond * nu
         # 1.01: the bound's own float64 evaluation
         self.slack = 1.01 * (per_norm * self.norms + nu * self.rho)
 
@@ -586,7 +580,7 @@ class _Coefficients:
         difference = new.rows[changed] - old.rows[changed]
         q = update @ new.rows - difference
         q_error = np.abs(update) @ np.abs(new.rows) + np.abs(difference)
-        q_bound = np.sqrt(np.einsum("ij,ij->i", q, q)) + (d + 2) * _U64 * np.sqrt(
+        q_bound = np.sqrt(np.einsum("ij,ij->i", q, q)) + (d + 2) * U64 * np.sqrt(
             np.einsum("ij,ij->i", q_error, q_error)
         )
         unit = float(np.finfo(_COEF_DTYPE).eps) / 2

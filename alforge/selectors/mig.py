@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from scipy.linalg import solve_triangular
 
+from alforge.selectors._rounding import U32, U64, abs_norm_bound
 from alforge.selectors import register
 from alforge.selectors._greedy import lazy_greedy
 from alforge.selectors.base import (
@@ -55,14 +56,7 @@ from alforge.uncertainty.rigidity import DEFAULT_REGULARIZER, Hessian
 #: of 2**21 on a loaded 2-core machine), small enough that the buffers stay far below the input.
 _BOUND_CHUNK_VALUES = 2**21
 
-_U32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
-_U64 = float(np.finfo(np.float64).eps) / 2
 
-
-def _abs_norm_bound(matrix: np.ndarray) -> float:
-    """An upper bound of ``‖|A|‖₂`` (entrywise absolute value): ``sqrt(‖A‖₁ ‖A‖∞)`` (Hölder)."""
-    absolute = np.abs(matrix)
-    return float(np.sqrt(absolute.sum(axis=0).max() * absolute.sum(axis=1).max()))
 
 
 def float32_variance_bounds(
@@ -83,11 +77,11 @@ def float32_variance_bounds(
     chol = np.asarray(hessian.cholesky, dtype=np.float64)
     inverse = inverse_factor(hessian) if factor is None else factor
     m32t = np.ascontiguousarray(inverse.T, dtype=np.float32)
-    abs_m = _abs_norm_bound(inverse)
+    abs_m = abs_norm_bound(inverse)
     # Float64 error of M itself: |M̂ − M| ≤ d u64 |M||L||M| (triangular inversion); tiny next
     # to the float32 terms.
-    kappa = 2.0 * ((d + 2) * _U32 * abs_m + d * _U64 * abs_m**2 * _abs_norm_bound(chol))
-    sums = 1.0 + 2.0 * (d + 1) * _U32  # float32 sums of d squares: relative error ≤ (d + 1) u
+    kappa = 2.0 * ((d + 2) * U32 * abs_m + d * U64 * abs_m**2 * abs_norm_bound(chol))
+    sums = 1.0 + 2.0 * (d + 1) * U32  # float32 sums of d squares: relative error ≤ (d + 1) u
     n = len(candidates)
     step = max(1, _BOUND_CHUNK_VALUES // max(d, 1))
     f32 = np.empty((min(step, n), d), dtype=np.float32)
@@ -102,7 +96,7 @@ def float32_variance_bounds(
         np.einsum("ij,ij->i", z32[:m], z32[:m], out=z_sq[rows])
         np.einsum("ij,ij->i", f32[:m], f32[:m], out=f_sq[rows])
     z_norm = np.sqrt(z_sq.astype(np.float64) * sums)
-    f_norm = np.sqrt(f_sq.astype(np.float64) * sums) * (1.0 + 2.0 * _U32)
+    f_norm = np.sqrt(f_sq.astype(np.float64) * sums) * (1.0 + 2.0 * U32)
     bounds = (z_norm + kappa * f_norm) ** 2
     bad = np.flatnonzero(~np.isfinite(bounds))
     if bad.size:
