@@ -68,7 +68,8 @@ from _machine import machine_report, table  # noqa: E402
 
 from alforge.mlip.device import default_dtype  # noqa: E402
 from alforge.mlip.features import _hooked, feature_jacobians  # noqa: E402
-from alforge.mlip.jacobians import LossWeights, label_rows  # noqa: E402
+from alforge.mlip.jacobians import label_rows  # noqa: E402
+from alforge.mlip.loss_weights import LossWeights  # noqa: E402
 from alforge.mlip.mace_model import (  # noqa: E402
     iterate_batches,
     load_model,

@@ -159,7 +159,7 @@ def build_campaign(
 ) -> Campaign:
     """Write the synthetic campaign into the store at ``url`` (module docstring); ``timings`` gets
     the seconds of each write phase (``structures``, ``features``, ``label_rows``)."""
-    from alforge.mlip.jacobians import LossWeights
+    from alforge.mlip.loss_weights import LossWeights
     from alforge.tasks.featurize import LABEL_ROWS, LAST_LAYER
     from alforge.uncertainty.rigidity import data_matrix
 

@@ -10,6 +10,8 @@ stress outputs with respect to the readout weight tensors themselves.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +123,7 @@ def test_training_settings_sidecar(model_path: Path, train_set: list[Atoms], tmp
 
 
 def test_weights_default_to_the_trained_loss(model_path: Path, train_set: list[Atoms]) -> None:
-    from alforge.mlip.jacobians import LossWeights
+    from alforge.mlip.loss_weights import LossWeights
     from alforge.uncertainty import loss_hessian
 
     hessian = loss_hessian(model_path, train_set, regularizer=0.1, device="cpu")
@@ -152,7 +154,8 @@ def test_loss_hessian_equals_brute_force_gauss_newton(model_path: Path, train_se
 
 def test_batched_jacobians_equal_the_per_feature_loop(model_path: Path, train_set: list[Atoms]) -> None:
     from alforge.mlip.features import feature_jacobians
-    from alforge.mlip.jacobians import LossWeights, label_rows
+    from alforge.mlip.jacobians import label_rows
+    from alforge.mlip.loss_weights import LossWeights
 
     for atoms in (train_set[1], train_set[-1]):
         loop = _loop_jacobians(model_path, atoms)
@@ -169,7 +172,8 @@ def test_batched_jacobians_equal_the_per_feature_loop(model_path: Path, train_se
 
 def test_label_rows_are_a_compact_factor(model_path: Path, train_set: list[Atoms]) -> None:
     from alforge.mlip.features import compute_features, feature_jacobians
-    from alforge.mlip.jacobians import LossWeights, label_rows
+    from alforge.mlip.jacobians import label_rows
+    from alforge.mlip.loss_weights import LossWeights
 
     weights = LossWeights(energy=2.0, forces=0.3)
     structures = [train_set[0], train_set[1]]  # 4 and 8 atoms
@@ -292,6 +296,14 @@ def test_hessian_is_stored_once_per_model(model_path: Path, train_set: list[Atom
     assert "no validation data" in first.regularizer_method
     again = hessian_task.ensure_hessian(url, mid)  # from the store, not recomputed
     assert np.array_equal(again.matrix, first.matrix) and again.regularizer_method == first.regularizer_method
+    # reading a stored H back is on every select path: it must not import torch or mace
+    code = (
+        "import sys; from alforge.tasks.hessian import ensure_hessian; "
+        f"h = ensure_hessian({url!r}, {mid}); "
+        "print(h.dim, sorted(m for m in ('torch', 'mace') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+    assert out.stdout.split() == [str(first.dim), "[]"], out.stdout + out.stderr
     shifted = hessian_task.ensure_hessian(url, mid, regularizer=0.5)
     assert np.allclose(shifted.matrix - first.matrix, (0.25 - first.regularizer**2) * np.eye(first.dim))
     assert store.get_hessian(mid, "loss")["regularizer"] == first.regularizer

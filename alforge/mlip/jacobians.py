@@ -33,9 +33,7 @@ each is compressed at once, so memory is that of one batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -43,9 +41,10 @@ from ase import Atoms
 
 from alforge.mlip.device import default_dtype
 from alforge.mlip.features import _hooked, _prepared
+from alforge.mlip.loss_weights import LossWeights
 from alforge.mlip.mace_model import iterate_batches, model_dtype
 
-__all__ = ["LossWeights", "default_vjp_chunk", "has_cell", "label_rows", "structure_jacobians"]
+__all__ = ["default_vjp_chunk", "has_cell", "label_rows", "structure_jacobians"]
 
 #: A cell with less volume than this (Å³) is no cell: no stress rows.
 _MIN_VOLUME = 1e-9
@@ -56,35 +55,6 @@ CPU_VJP_CHUNK = 1
 def default_vjp_chunk(device: str | torch.device) -> int | None:
     """Cotangents per backward pass: all (``None``) on CUDA, :data:`CPU_VJP_CHUNK` on the CPU."""
     return None if torch.device(device).type == "cuda" else CPU_VJP_CHUNK
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Weights of the three kinds of Gauss–Newton rows (not the trainer's λ's themselves).
-
-    ``energy``: weight of the row ``f_s/n_s`` (λ_E). ``forces``: weight of each force row
-    ``∂f_s/∂r_iα`` (λ_F κ_F). ``stress``: weight of each of the 9 stress rows (λ_σ κ_σ); 0 means no
-    stress rows.
-    """
-
-    energy: float
-    forces: float
-    stress: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if not np.isfinite(value) or value < 0:
-                raise ValueError(f"LossWeights.{name} must be finite and >= 0, got {value}")
-
-    def to_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LossWeights:
-        unknown = set(data) - {"energy", "forces", "stress"}
-        if unknown:
-            raise ValueError(f"LossWeights.from_dict: unknown keys {sorted(unknown)}")
-        return cls(float(data["energy"]), float(data["forces"]), float(data.get("stress", 0.0)))
 
 
 def has_cell(atoms: Atoms) -> bool:

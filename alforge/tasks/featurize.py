@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from alforge.tasks.common import open_store
 
 if TYPE_CHECKING:
-    from alforge.mlip.jacobians import LossWeights
+    from alforge.mlip.loss_weights import LossWeights
 
 LAST_LAYER = "last_layer"
 INVARIANT = "invariant"

@@ -50,7 +50,7 @@ def ensure_hessian(
     ``validation_ids`` (default: the model's own validation split). An explicit ``ς`` different
     from the stored one is applied to the stored data term (``H − ς_old² I + ς² I``) and not stored.
     """
-    from alforge.mlip.jacobians import LossWeights
+    from alforge.mlip.loss_weights import LossWeights
 
     store = open_store(store_url)
     stored = store.get_hessian(model_id, form)

@@ -58,7 +58,8 @@ import torch
 from ase import Atoms
 
 from alforge.mlip.features import compute_features, feature_jacobians, last_layer_weights
-from alforge.mlip.jacobians import LossWeights, has_cell, label_rows
+from alforge.mlip.jacobians import has_cell, label_rows
+from alforge.mlip.loss_weights import LossWeights
 from alforge.mlip.mace_model import load_model, read_training_settings
 from alforge.uncertainty.rigidity import DEFAULT_REGULARIZER, Hessian, data_matrix
 

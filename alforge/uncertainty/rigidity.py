@@ -27,7 +27,7 @@ from scipy.linalg import cho_solve, cholesky, solve_triangular
 from alforge.uncertainty.blas_threads import single_threaded_blas, threads_for
 
 if TYPE_CHECKING:
-    from alforge.mlip.jacobians import LossWeights
+    from alforge.mlip.loss_weights import LossWeights
 
 #: Default ``ς``: ς² = 1e-6 keeps ``H`` positive definite in float64 when the training set is empty
 #: or spans fewer than ``d`` directions, while shifting the well-determined directions (eigenvalues
