@@ -36,8 +36,7 @@ Stages, each with its seconds and peak resident memory (RSS sampled every 5 ms b
 * ``select``: the selector's ``select`` on those inputs;
 * ``write-selection``: ``add_selection`` + ``request_labels``;
 * ``select_batch``: the whole step end to end in a fresh process (its own peak RSS: ``VmHWM``),
-  after importing torch + MACE, which ``ensure_hessian`` does and a campaign process already has
-  (timed on its own).
+  imports included; with features and H stored it imports neither torch nor MACE (recorded).
 
 Each selector runs in a fresh child process, so one's peak does not hide another's.
 
@@ -288,15 +287,7 @@ def child(name: str, campaign: Campaign, budget: int) -> dict[str, Any]:
     store = Store(campaign.url)
     cfg, unc = SelectorConfig(name=name, batch_size=budget), UncertaintyConfig()
     out: dict[str, Any] = {}
-    # ensure_hessian imports LossWeights from alforge.mlip.jacobians, i.e. torch and MACE: seconds
-    # a campaign process (which trains) has already paid, so timed on its own
-    start = time.perf_counter()
-    import alforge.mlip.jacobians  # noqa: F401
-
-    out["import torch + MACE (ensure_hessian)"] = {
-        "s": time.perf_counter() - start, "peak_mb": _high_water_mb(),
-    }
-    # end to end next, so the high-water mark is select_batch's own peak (imports included)
+    # end to end first, so the high-water mark is select_batch's own peak (imports included)
     it = store.get_or_create_iteration(campaign.campaign_id, 1 + SELECTORS.index(name))
     start = time.perf_counter()
     result = select_batch.fn(campaign.url, campaign.campaign_id, it, campaign.model_id, cfg, CALCULATOR, PARAMS_HASH, unc)
@@ -305,6 +296,8 @@ def child(name: str, campaign: Campaign, budget: int) -> dict[str, Any]:
         "peak_mb": _high_water_mb(),
         "picked": result["picked"],
         "n_candidates": result["n_candidates"],
+        # with every feature and H stored, selecting needs neither torch nor MACE (seconds to import)
+        "imported_torch": "torch" in sys.modules,
     }
     rss = PeakRSS()
     hessian = ensure_hessian(campaign.url, campaign.model_id) if make_selector(name).uses_hessian else None
@@ -453,7 +446,8 @@ def main() -> None:
             for stage, rec in records.items():
                 note = ""
                 if stage == "select_batch":
-                    note = f"{rec['n_candidates']} candidates, peak = VmHWM"
+                    torch_note = "torch imported" if rec["imported_torch"] else "no torch import"
+                    note = f"{rec['n_candidates']} candidates, peak = VmHWM, {torch_note}"
                 elif "same_picks_as_select_batch" in rec:
                     note = "same picks as select_batch" if rec["same_picks_as_select_batch"] else "PICKS DIFFER"
                 stage_rows.append([name, stage, rec["s"], rec["peak_mb"], rec.get("extra_mb", "-"), note])
