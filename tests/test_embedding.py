@@ -291,3 +291,14 @@ def test_high_symmetry_needs_a_host_for_mixed_chemistry_or_a_low_symmetry_host()
         embed(atoms, center, strategy="high_symmetry", cutoff=CUTOFF, host=glass)
     with pytest.raises(ValueError, match=r"^host: ASE's reference state of O is 'diatom'"):
         embed(Atoms("O2", positions=[[0, 0, 0], [0, 0, 1.2]]), 0, strategy="high_symmetry", cutoff=2.0)
+
+
+def test_bond_contact_follows_the_chemistry():
+    from ase.build import molecule
+
+    from alforge.embedding.checks import bond_contact
+
+    assert bond_contact(bulk("Si", "diamond", 5.43)) == pytest.approx(0.85 * 2 * 1.11)
+    assert bond_contact(molecule("CH4")) == pytest.approx(0.85 * 2 * 0.31), "the shortest: H-H"
+    with pytest.raises(ValueError, match="no atoms"):
+        bond_contact(Atoms())

@@ -130,7 +130,9 @@ def test_carving_stores_provenance_and_is_repeatable(tmp_path):
     """The select step's carving (tasks/carve.py) on a hand-made selection: a centre of a 108-atom Cu
     cell (two periodic copies) and a whole pick; a second run maps to the same ids."""
     from ase.build import bulk
+    from ase.neighborlist import neighbor_list
 
+    from alforge.embedding.checks import bond_contact
     from alforge.selectors.base import Selection
     from alforge.storage import Store
     from alforge.tasks.carve import carve_centres, carved_in
@@ -157,8 +159,11 @@ def test_carving_stores_provenance_and_is_repeatable(tmp_path):
         assert prov["strategy"] == "periodic" and prov["parent_center"] == 7 and prov["parent_id"] == candidates[1]
         assert prov["copy"] == copy and prov["lpr"] == 0.1
         assert prov["cutoff"] == 2.6 and prov["buffer"] == 1.0 and prov["center"] == 0
+        # no contact given: 0.85 of the Cu-Cu covalent bond, held across the periodic boundary too
+        assert prov["parameters"]["contact"] == pytest.approx(bond_contact(large)) == pytest.approx(0.85 * 2 * 1.32)
         (atoms,) = store.get_atoms([sid])
         assert len(atoms) < len(large) and atoms.pbc.all()
+        assert neighbor_list("d", atoms, prov["parameters"]["contact"]).size == 0
     centres = info["carving"]["centres"]
     assert centres == [{"parent_id": candidates[1], "atom": 7, "lpr": 0.1, "ids": carved, "discarded": 0}]
     assert info["carving"]["discarded"] == 0 and info["whole"] == 1

@@ -87,6 +87,12 @@ def embed(atoms: Atoms, center: int, *, strategy: str, cutoff: float, buffer: fl
     Gaussian of σ = `rattle` Å, drawn from `seed`. Atoms within `cutoff` of the centre are never
     moved: the centre's neighbour vectors (minimum image) are the parent's to 1e-8 Å.
 
+    `contact` (Å) is the closest approach the result may have, across images too. Its default,
+    1.0 Å, only rules out overlapping atoms: for a DFT label choose about 0.85 of the shortest bond
+    of the chemistry (2.0 Å for Si). With 1.0, periodic Si cells had atoms 1.0 Å apart across the
+    boundary and QE forces up to 170 eV/Å there, labels that made a fine-tuned model worse
+    (``benchmarks/study_lpr_embedding.py``).
+
     Every structure passes the sanity checks (finite positions, non-degenerate cell, atoms inside
     it, no two atoms closer than `contact` across images, the centre's environment intact) or is
     dropped with a warning on this module's logger naming the reason. Each returned structure's

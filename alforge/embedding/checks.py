@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from ase import Atoms
+from ase.data import covalent_radii
 from ase.neighborlist import neighbor_list
 
 from alforge.embedding.environment import neighbour_vectors
@@ -20,6 +21,22 @@ FLAT_CELL = 1e-6
 INSIDE_TOLERANCE = 1e-9
 #: Neighbour vectors of the centre must match the parent's to this many Å (the issue's promise).
 ENVIRONMENT_TOLERANCE = 1e-8
+
+
+#: :func:`bond_contact` as a fraction of the shortest covalent bond: a label's structure may hold a
+#: bond this much shorter than usual (a hot or strained environment), nothing closer.
+BOND_CONTACT_FRACTION = 0.85
+
+
+def bond_contact(atoms: Atoms) -> float:
+    """A contact distance for DFT labels of ``atoms``' chemistry: :data:`BOND_CONTACT_FRACTION` of
+    the shortest bond two of its elements can form, twice the smallest covalent radius (ASE's
+    Cordero radii): Si 1.89 Å, Cu 2.24 Å, anything with H 0.53 Å. ``embed``'s own default, 1.0 Å,
+    only rules out overlaps: periodic Si cells carved with it had atoms 1.0 Å apart across the
+    boundary and QE forces up to 170 eV/Å there."""
+    if len(atoms) == 0:
+        raise ValueError("bond_contact: the structure has no atoms")
+    return BOND_CONTACT_FRACTION * 2 * float(covalent_radii[np.unique(atoms.numbers)].min())
 
 
 def cell_problem(atoms: Atoms) -> str | None:

@@ -54,7 +54,8 @@ class LocalRigiditySelector(Selector):
     structure ``indices[k]``; the other picks are whole structures.
 
     The embedding parameters (``strategy``, ``cutoff`` — default: the model's ``r_max`` —,
-    ``buffer`` — default: the embedding's —, ``copies``, ``rattle``, ``contact``, ``seed``, ``host``:
+    ``buffer`` — default: the embedding's —, ``copies``, ``rattle``, ``contact`` — default: 0.85 of
+    the chemistry's shortest covalent bond, :func:`alforge.embedding.checks.bond_contact` —, ``seed``, ``host``:
     a structure file for ``high_symmetry``) are recorded with the selection and used by the select
     step to carve; the selection itself reads only ``k``, ``max_atoms``, ``overlap``, ``copies`` and
     ``strategy`` (for the budget).
@@ -76,7 +77,7 @@ class LocalRigiditySelector(Selector):
         buffer: float | None = None,
         copies: int = 1,
         rattle: float = 0.2,
-        contact: float = 1.0,
+        contact: float | None = None,
         seed: int = 0,
         host: str | None = None,
     ) -> None:
@@ -94,8 +95,8 @@ class LocalRigiditySelector(Selector):
             raise ValueError(f"lpr: cutoff must be > 0 Å (or null: the model's r_max), got {cutoff}")
         if buffer is not None and not buffer >= 0:
             raise ValueError(f"lpr: buffer must be >= 0 Å (or null: the embedding's default), got {buffer}")
-        if rattle < 0 or contact <= 0:
-            raise ValueError(f"lpr: rattle must be >= 0 and contact > 0 Å, got {rattle} and {contact}")
+        if rattle < 0 or (contact is not None and not contact > 0):
+            raise ValueError(f"lpr: rattle must be >= 0 and contact > 0 Å (or null), got {rattle} and {contact}")
         if host is not None and strategy != "high_symmetry":
             raise ValueError("lpr: host is a high_symmetry setting; strategy is " + repr(strategy))
         self.k = k

@@ -70,7 +70,7 @@ def _embedding_kwargs(store, model_id: int, selector: Selector) -> dict[str, Any
         cutoff = float(load_model(store.model_file(model_id), device="cpu").r_max)
     kwargs: dict[str, Any] = {
         "strategy": selector.strategy, "cutoff": cutoff, "copies": selector.copies,
-        "rattle": selector.rattle, "contact": selector.contact,
+        "rattle": selector.rattle,
     }
     if selector.buffer is not None:
         kwargs["buffer"] = selector.buffer
@@ -97,7 +97,7 @@ def carve_centres(
     atom, LPR, generated ids and discarded count; total discarded).
     """
     from alforge.embedding import embed
-    from alforge.embedding.checks import structure_problem
+    from alforge.embedding.checks import bond_contact, structure_problem
 
     try:
         logger = get_run_logger()
@@ -118,10 +118,11 @@ def carve_centres(
         atom = centre_atom[k]
         (parent,) = store.get_atoms([parent_id])
         parent.info.clear()
-        made = embed(parent, atom, seed=_centre_seed(selector.seed, parent_id, atom), **kwargs)
+        contact = selector.contact if selector.contact is not None else bond_contact(parent)
+        made = embed(parent, atom, seed=_centre_seed(selector.seed, parent_id, atom), contact=contact, **kwargs)
         sane = []
         for structure in made:
-            problem = structure_problem(structure, selector.contact)
+            problem = structure_problem(structure, contact)
             if problem:
                 logger.warning("carving structure %d atom %d: dropped a structure: %s", parent_id, atom, problem)
             else:
