@@ -35,7 +35,7 @@ Protocol
   over seeds of the test force and energy RMSE against labels), and ``summary.md``: RMSE at fixed
   budgets and, per arm, the labels needed to reach random's final force RMSE.
 
-Findings so far (``results/yield/summary.md``; 401 rounds, 7.62 h of summed round wall time on 2
+Findings (``results/yield/summary.md``; 468 rounds, 11.61 h of summed round wall time on 2
 shared cores, load 2–7): **no selector is better than random beyond the seed spread.**
 
 * ethanol, all 13 arms with 3 seeds, at 32 labels: random 90.8 ± 0.9 meV/Å; the best arm,
@@ -51,13 +51,16 @@ shared cores, load 2–7): **no selector is better than random beyond the seed s
 * ablation, ``results/yield/ablation/batch2`` (``--batch 2 --rounds 12``, 3 seeds): at 32 labels
   random 85.7 ± 1.7, mig_label@loss 81.9 ± 5.7 (29.9 labels to random's final, 7 % fewer): smaller
   batches help both arms alike.
-* 3bpa (200-frame pool, 5 rounds), 3 seeds of random/fps/dopt/mig@energy/mig_label@loss/mmig@loss,
-  at 28 labels: random 199.4 ± 9.7, dopt 194.0 ± 3.5 (26.9 labels to random's final),
-  mig_label@loss 194.3 ± 6.5 (27.0), fps 194.9 ± 1.4, mig@energy 195.9 ± 3.0; mmig@loss toward the
-  hotter frames 207.1 ± 2.6, worse than random from 20 labels on.
-* si (100-frame bulk pool, surface test, 4 rounds), seed 0 only of random/fps/mig_label@loss/
-  mmig@loss: no arm moves the surface force error off its 240–255 meV/Å plateau; a bulk pool
-  does not teach a small MACE surfaces in 24 labels.
+* 3bpa (200-frame pool, 5 rounds), 3 seeds of random/fps/committee/dopt/mig@energy/mig@loss/
+  mig_label@loss/mmig@loss, at 28 labels: random 199.4 ± 9.7; the best arm, committee, 188.7 ± 3.1
+  (26.3 labels to random's final error, 6 % fewer); dopt 194.0 ± 3.5 (26.9), mig_label@loss
+  194.3 ± 6.5 (27.0), fps 194.9 ± 1.4, mig@energy 195.9 ± 3.0, mig@loss 197.3 ± 1.1 (the loss H
+  again no better); mmig@loss toward the hotter frames 207.1 ± 2.6, worse than random from 12
+  labels on. Every arm but committee is worse than random somewhere at 12–16 labels.
+* si (100-frame bulk pool, surface test, 4 rounds), 3 seeds of random/fps/mmig@loss, 1 of
+  mig_label@loss: at 24 labels random 260.2 ± 11.6, fps 263.0 ± 13.4, mmig@loss 246.8 ± 6.5
+  (never worse than random, but within the spread); no arm moves the surface force error off its
+  245–265 meV/Å plateau: a bulk pool does not teach a small MACE surfaces in 24 labels.
 
 ``--diagnose`` (``results/yield/diagnose.json``) says why: the single-pick scores rank the pool by
 the round-0 model's actual force error only weakly (Spearman ρ: mig_label 0.33–0.44, mig 0.04–0.41,
@@ -73,7 +76,7 @@ Run (the full study takes hours on 2 cores; run it in the background, it resumes
 
     # what ran for the figures above (each resumable; arms may also be run one process each):
     ... --datasets ethanol                                           # all arms
-    ... --datasets 3bpa --arms random,fps,dopt,mig_label@loss,mig@energy,mmig@loss --rounds 5 --pool 200
+    ... --datasets 3bpa --arms random,fps,dopt,mig_label@loss,mig@energy,mmig@loss,committee,mig@loss --rounds 5 --pool 200
     ... --datasets si --arms random,fps,mig_label@loss,mmig@loss --rounds 4 --pool 100 --finetune-epochs 15
 
 Model files from before the weights-only format (issue 8) in ``--workdir`` no longer load: delete
