@@ -47,9 +47,9 @@ import numpy as np
 from scipy.linalg import LinAlgWarning, lu_factor, lu_solve, qr
 from scipy.linalg.blas import dgemm, dger, idamax, isamax, sgemm, sger
 
-from alforge.selectors._rounding import U32, U64, abs_norm_bound
 from alforge.selectors import register
 from alforge.selectors._greedy import blas_thread_count
+from alforge.selectors._rounding import U32, U64, abs_norm_bound
 from alforge.selectors.base import Selection, Selector, check_budget, check_features, count_over_threshold
 from alforge.uncertainty.blas_threads import single_threaded_blas
 from alforge.uncertainty.rigidity import iter_chunks
@@ -151,9 +151,6 @@ def maxvol(
         lu, _ = _lu_or_raise("features", np.asarray(f[rows], dtype=np.float64))
     log_abs_det = float(np.sum(np.log(np.abs(np.diag(lu)))))
     return MaxVolResult(rows, log_abs_det, n_swaps, converged)
-
-
-
 
 
 def _rows_to_check(

@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 from scipy.linalg import solve_triangular
 
-from alforge.selectors._rounding import U32, U64, abs_norm_bound
 from alforge.selectors import register
 from alforge.selectors._greedy import lazy_greedy
+from alforge.selectors._rounding import U32, U64, abs_norm_bound
 from alforge.selectors.base import (
     Selection,
     Selector,
@@ -55,8 +55,6 @@ from alforge.uncertainty.rigidity import DEFAULT_REGULARIZER, Hessian
 #: is worth its BLAS threads (smaller chunks measured slower here: 2**17 3.7×, 2**19 1.2× the time
 #: of 2**21 on a loaded 2-core machine), small enough that the buffers stay far below the input.
 _BOUND_CHUNK_VALUES = 2**21
-
-
 
 
 def float32_variance_bounds(
