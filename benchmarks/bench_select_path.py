@@ -433,7 +433,7 @@ def main() -> None:
         print("\nread of every candidate's rows (one query per 900 cells)")
         print(table(["how", "rows", "s", "rows/s", "rows/cpu-s", "peak MB", "+MB"], _read_throughput(campaign, rss, "mig_label" in selectors)))
         if "mig_label" in selectors:
-            label_campaign = build_campaign(
+            label_campaign = campaign if label_atoms == n_atoms else build_campaign(
                 url, label_atoms, args.atoms_per_structure, args.dim, args.train, True, seed=1, name="label"
             )
             print(f"\nmig_label selects from its own campaign: {len(label_campaign.candidate_ids)} cells, "

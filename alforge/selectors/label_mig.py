@@ -17,11 +17,19 @@ How it stays exact and fast:
 * Every candidate starts with Hadamard's bound ``½ Σ_i log(1 + ‖z_i‖²)`` (``z_i`` the whitened rows
   ``L⁻¹ r_i``; ``det(I + M) ≤ Π (1 + M_ii)`` for PSD ``M``), which is tighter than both
   ``½ r log(1 + tr M / r)`` and ``½ tr M`` and costs one streamed triangular solve over all rows.
-* Exact gains (a small r_c × r_c Cholesky of ``I + Z_c Z_cᵀ`` after whitening under the current
-  ``L_t``) are computed only for candidates that reach the top, by the lazy greedy loop of
+* Exact gains are computed only for candidates that reach the top, by the lazy greedy loop of
   :mod:`alforge.selectors._greedy`: log det is submodular, so gains only decrease as ``H`` grows and
   a stale exact gain, like the initial bound, is an upper bound. The picks are exactly those of the
   plain greedy loop.
+* An exact gain takes whichever determinant is cheaper. A *narrow* block (``r_c ≤ d/2``: a few
+  atoms) is whitened under the current ``L_t`` and gives the r_c × r_c Cholesky of
+  ``I + Z_cᵀZ_c``. A *wide* block (a cell of 3n + 1 > d/2 rows, as in MD of bulk cells, where
+  ``r_c = d``) gives ``Σ log diag chol(H_t + K_c) − Σ log diag L_t`` with ``K_c = R_cᵀR_c`` formed
+  once and kept (up to :data:`GRAM_CACHE_BYTES`): one d × d Cholesky (d³/3 flops) instead of a
+  triangular solve, a product and a Cholesky (~2.3 d³). Measured at d = 128 on one core: 0.056 ms
+  against 0.58 ms per gain. They run on one thread: scipy's LAPACK wrappers hold the GIL, and two
+  Python threads made each gain twice as slow (0.11 ms); numpy's batched Cholesky, which releases
+  it, takes 0.20 ms per matrix.
 """
 
 from __future__ import annotations
@@ -31,12 +39,18 @@ from typing import Any
 
 import numpy as np
 from scipy.linalg import cholesky, solve_triangular
+from scipy.linalg.lapack import dpotrf
 
 from alforge.selectors import register
 from alforge.selectors._greedy import lazy_greedy
 from alforge.selectors.base import Selection, Selector, check_budget, check_features
 from alforge.selectors.mig import resolve_hessian
+from alforge.uncertainty.blas_threads import single_threaded_blas
 from alforge.uncertainty.rigidity import DEFAULT_REGULARIZER, chunk_rows
+
+#: Memory for the kept ``K_c = R_cᵀR_c`` of wide blocks (float64 d × d each: 128 KB at d = 128, so
+#: 2 GiB holds 16,384 cells); beyond it ``K_c`` is formed again at each refresh (twice the cost).
+GRAM_CACHE_BYTES = 2 * 2**30
 
 
 def check_label_rows(label_rows: Any, n: int | None, dim: int | None) -> list[np.ndarray]:
@@ -98,8 +112,72 @@ def hadamard_bounds(blocks: Sequence[np.ndarray], chol: np.ndarray) -> np.ndarra
     return out
 
 
+class GainScorer:
+    """Exact gains ``½ log det(I + R_c H⁻¹ R_cᵀ)`` under a Hessian that grows pick by pick.
+
+    ``set_hessian(H)`` installs ``H_t`` (and its Cholesky factor); ``gains(idx)`` scores candidates
+    ``idx`` under it: narrow blocks by whitening, wide ones from the kept ``K_c`` (module
+    docstring).
+    """
+
+    def __init__(self, blocks: Sequence[np.ndarray], dim: int) -> None:
+        self.blocks = blocks
+        self.dim = dim
+        self.sizes = np.array([len(b) for b in blocks], dtype=np.int64)
+        self.grams: dict[int, np.ndarray] = {}
+        self._gram_budget = GRAM_CACHE_BYTES // (8 * dim * dim)
+        self.matrix = np.zeros((dim, dim))
+        self.chol = np.zeros((dim, dim))
+        self._half_logdet = 0.0
+
+    def set_hessian(self, matrix: np.ndarray, chol: np.ndarray | None = None) -> None:
+        self.matrix = np.ascontiguousarray(matrix, dtype=np.float64)
+        self.chol = cholesky(self.matrix, lower=True, check_finite=False) if chol is None else chol
+        self._half_logdet = float(np.log(np.diag(self.chol)).sum())
+
+    def gains(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.zeros(len(idx))
+        wide = self.sizes[idx] > self.dim // 2
+        if np.any(~wide):
+            out[~wide] = exact_gains(self.blocks, idx[~wide], self.chol)
+        if np.any(wide):
+            out[wide] = self._wide_gains(idx[wide])
+        return out
+
+    def _wide_gains(self, idx: np.ndarray) -> np.ndarray:
+        # One BLAS thread even where the lazy loop allows more for a big refresh block: OpenBLAS
+        # threading a 128 × 128 Cholesky made the 1e6-atom selection several times slower.
+        with single_threaded_blas():
+            return self._wide_gains_one_thread(idx)
+
+    def _wide_gains_one_thread(self, idx: np.ndarray) -> np.ndarray:
+        diagonals = np.empty((len(idx), self.dim))
+        # C-order like H_t and K_c, so the sum is a contiguous add (into a Fortran array it is a
+        # transposing copy, as long as the Cholesky itself); being symmetric, its transpose is the
+        # same matrix in LAPACK's layout, factored in place.
+        work = np.empty((self.dim, self.dim))
+        for k, c in enumerate(idx):
+            np.add(self.matrix, self._gram(int(c)), out=work)
+            factor, info = dpotrf(work.T, lower=1, clean=0, overwrite_a=1)
+            if info != 0:
+                raise np.linalg.LinAlgError(f"H + R_cᵀR_c of candidate {c} is not positive definite")
+            diagonals[k] = factor.diagonal()
+        return np.log(diagonals).sum(axis=1) - self._half_logdet
+
+    def _gram(self, c: int) -> np.ndarray:
+        gram = self.grams.get(c)
+        if gram is None:
+            block = np.asarray(self.blocks[c], dtype=np.float64)
+            gram = block.T @ block
+            if len(self.grams) < self._gram_budget:
+                self.grams[c] = gram
+        return gram
+
+
 def exact_gains(blocks: Sequence[np.ndarray], idx: np.ndarray, chol: np.ndarray) -> np.ndarray:
-    """``½ log det(I + R_c H⁻¹ R_cᵀ)`` for the candidates ``idx`` under ``H = L Lᵀ``."""
+    """``½ log det(I + R_c H⁻¹ R_cᵀ)`` for the candidates ``idx`` under ``H = L Lᵀ``, by whitening
+    (the narrow-block path of :class:`GainScorer`)."""
     sizes = np.array([len(blocks[c]) for c in idx], dtype=np.int64)
     out = np.zeros(len(idx))
     positions = np.arange(len(idx))
@@ -159,16 +237,16 @@ class LabelMaxInformationGain(Selector):
         if b == 0:
             return Selection(np.empty(0, dtype=np.int64), np.empty(0))
         # H_t is refactored after each pick; the caller's Hessian is never modified.
-        state = {"matrix": np.array(hessian.matrix, dtype=np.float64), "chol": hessian.cholesky}
+        scorer = GainScorer(blocks, dim)
+        scorer.set_hessian(np.array(hessian.matrix, dtype=np.float64), hessian.cholesky)
 
         def refresh(idx: np.ndarray, stale: np.ndarray, fresh_at: np.ndarray) -> np.ndarray:
-            return exact_gains(blocks, idx, state["chol"])
+            return scorer.gains(idx)
 
         def commit(c: int) -> None:
             block = np.asarray(blocks[c], dtype=np.float64)
-            state["matrix"] = state["matrix"] + block.T @ block
-            state["chol"] = cholesky(state["matrix"], lower=True, check_finite=False)
+            scorer.set_hessian(scorer.matrix + block.T @ block)
 
-        bounds = hadamard_bounds(blocks, state["chol"])
+        bounds = hadamard_bounds(blocks, scorer.chol)
         picks, gains, n_refreshed = lazy_greedy(bounds, b, refresh, commit, exact_initial=False)
         return Selection(picks, gains, info={"n_rescored": n_refreshed})
