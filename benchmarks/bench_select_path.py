@@ -15,11 +15,10 @@ Hessian ``H = ς² I + Σ_train R_sᵀR_s`` and, for ``mig_label``, every candid
   1 GB as float32). Computing them is *not* timed: ``ensure_label_rows`` found them stored. On
   the CPU they cost ~1 min per 1,000 atoms (``bench_jacobians.py``), ~17 h for 1e6 atoms, so at
   this scale they come from a GPU run, or label-level MIG runs on a pre-screened subset.
-  Their write and read are measured at the full ``--atoms``; ``mig_label``'s selection runs on its
-  own smaller campaign (``--label-atoms``, default 2e4 atoms = 312 cells), because its lazy greedy
-  re-scores nearly every candidate after each pick on these homogeneous synthetic pools (an exact
-  gain is ~5 MFLOP at r = d = 128), so its time grows as candidates × budget: at 1e6 atoms
-  (15,625 cells) it ran for over 10 minutes on the loaded 2-core machine without finishing.
+  Their write, read and selection are measured at the full ``--atoms`` (``--label-atoms`` runs
+  the selection on a smaller campaign of its own). Its lazy greedy re-scores about half the
+  candidates after each pick on these homogeneous synthetic pools (an exact gain is one
+  128 × 128 Cholesky, ~0.05 ms on 2 threads), so its time grows as candidates × budget.
 
 Throughputs are also given per CPU second of this process (``rows/cpu-s``: user + system time),
 which the other jobs of a shared machine disturb far less than the wall time; on a quiet machine
@@ -40,14 +39,14 @@ Stages, each with its seconds and peak resident memory (RSS sampled every 5 ms b
 
 Each selector runs in a fresh child process, so one's peak does not hide another's.
 
-Measured on this 2-core machine (2026-12-02, load 1.0), 1e6 atoms: write 102k atom rows/s and
-115k label rows/s; the chunked float32 read 493k rows/s, +493 MB (old list + concatenate: +1.9 GB);
-``mig`` select_batch 1.48 s, peak 609 MB; ``mig_label`` on 312 cells 14.2 s. ``dopt``: its select
-stage took 263 s (load 3) before it kept its coefficients; now 29.9 s quiet
-(``benchmarks/bench_dopt.py --atoms 1e6 --skip-reference``). It is not in the default run (the
-build of its pool adds minutes); add it with ``--selectors mig,mig_label,dopt``.
+Measured on this 2-core machine (2026-12-03, load 0.5 at the start), 1e6 atoms, SQLite,
+``--selectors mig,mig_label,dopt``: write 125k atom rows/s and 134k label rows/s; the chunked
+float32 read 299k rows/s, +492 MB (old list + concatenate: +1.9 GB); select_batch ``mig`` 1.46 s,
+peak 259 MB; ``mig_label`` 53.4 s, peak 3151 MB (select 47.0 s; 50.5 s in a run of it alone);
+``dopt`` 24.9 s, peak 1852 MB. ``dopt`` is not in the default run (the build of its pool adds
+minutes); add it with ``--selectors mig,mig_label,dopt``.
 
-    .venv/bin/python benchmarks/bench_select_path.py            # 1e6 atoms, mig + mig_label (a few minutes)
+    .venv/bin/python benchmarks/bench_select_path.py            # 1e6 atoms, mig + mig_label (~4 minutes)
     .venv/bin/python benchmarks/bench_select_path.py --quick    # 1e5 atoms
     .venv/bin/python benchmarks/bench_select_path.py --backend postgresql --url postgresql+psycopg://...
 """
@@ -372,9 +371,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=40, help="training cells")
     parser.add_argument("--budget", type=int, default=100)
     parser.add_argument(
-        "--label-atoms", type=float, default=2e4,
-        help="candidate atoms of mig_label's own (smaller) campaign: its greedy rescoring, not the read, "
-        "is what does not scale (module docstring)",
+        "--label-atoms", type=float,
+        help="candidate atoms of a smaller campaign of mig_label's own (default: --atoms; module docstring)",
     )
     parser.add_argument(
         "--selectors", default="mig,mig_label",
@@ -390,7 +388,7 @@ def main() -> None:
         print(json.dumps(child(name, Campaign(**spec), budget), default=float))
         return
     n_atoms = int(1e5 if args.quick else args.atoms)
-    label_atoms = int(min(args.label_atoms, n_atoms))
+    label_atoms = n_atoms if args.label_atoms is None else int(min(args.label_atoms, n_atoms))
     selectors = [s for s in args.selectors.split(",") if s]
     unknown = set(selectors) - set(SELECTORS)
     if unknown:

@@ -125,3 +125,27 @@ def test_wide_block_gains_equal_the_whitened_ones_past_the_cache(monkeypatch):
         h = h + blocks[step].T @ blocks[step]
     assert len(scorer.grams) == 3
     assert np.count_nonzero(scorer.sizes > d // 2) > 50  # most blocks took the wide path
+
+
+def test_wide_gains_split_across_threads_equal_one_thread(monkeypatch):
+    """The wide-block Cholesky runs in threads (GIL released): same gains, and a failure in a worker
+    names its candidate."""
+    from alforge.selectors import label_mig
+
+    rng = np.random.default_rng(11)
+    d = 12
+    blocks = [rng.normal(size=(2 * d, d)) for _ in range(50)]
+    h = 1e-2 * np.eye(d)
+    idx = rng.permutation(len(blocks))
+    scorer = label_mig.GainScorer(blocks, d)
+    scorer.set_hessian(h)
+    monkeypatch.setattr(label_mig, "worker_count", lambda: 1)
+    one = scorer.gains(idx)
+    monkeypatch.setattr(label_mig, "worker_count", lambda: 3)
+    monkeypatch.setattr(label_mig, "MIN_PER_THREAD", 1)
+    np.testing.assert_array_equal(scorer.gains(idx), one)
+    np.testing.assert_allclose(one, label_mig.exact_gains(blocks, idx, np.linalg.cholesky(h)), rtol=1e-9)
+
+    scorer.grams[int(idx[-1])] = -np.eye(d)  # a K_c that makes H + K_c indefinite, in the last thread
+    with pytest.raises(np.linalg.LinAlgError, match=f"candidate {idx[-1]}"):
+        scorer.gains(idx)

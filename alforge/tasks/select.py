@@ -162,7 +162,12 @@ def select_batch(
                 }
                 result = selector.select(cand_rows, cfg.batch_size, train=train_rows, **context)
             elif hessian is not None:
-                cand_rows = energy_rows(store_url, model_id, candidates, dtype)
+                # Scored by its label rows alone, a selector takes no candidate rows: reading and
+                # summing every per-atom row only to check a shape was 1.6 s of 1e6 atoms.
+                cand_rows = (
+                    None if selector.label_rows == "required"
+                    else energy_rows(store_url, model_id, candidates, dtype)
+                )
                 result = selector.select(cand_rows, cfg.batch_size, **context)
             else:
                 result = selector.select(
