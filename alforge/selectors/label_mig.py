@@ -32,7 +32,8 @@ How it stays exact and fast:
 * The wide Cholesky factorisations of a refresh are split across one thread per core, each
   factorisation on one BLAS thread, through :mod:`alforge.uncertainty.lapack_nogil` (scipy's own
   wrappers hold the GIL: two threads made each gain twice as slow). On the 2 cores here that is
-  ~1.5× (0.075 → 0.050 ms a gain); 1e6 atoms (15,625 cells, b = 100) select in 43 s, 70 s before.
+  ~1.5× (0.075 → 0.050 ms a gain); 1e6 atoms (15,625 cells, b = 100) select in 43–47 s (70 s
+  before, with the lazy loop of the time).
 """
 
 from __future__ import annotations
