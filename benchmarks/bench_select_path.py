@@ -43,7 +43,10 @@ Measured on this 2-core machine (2026-12-03, load 0.5 at the start), 1e6 atoms, 
 ``--selectors mig,mig_label,dopt``: write 125k atom rows/s and 134k label rows/s; the chunked
 float32 read 299k rows/s, +492 MB (old list + concatenate: +1.9 GB); select_batch ``mig`` 1.46 s,
 peak 259 MB; ``mig_label`` 53.4 s, peak 3151 MB (select 47.0 s; 50.5 s in a run of it alone);
-``dopt`` 24.9 s, peak 1852 MB. ``dopt`` is not in the default run (the build of its pool adds
+``dopt`` 24.9 s, peak 1852 MB. On PostgreSQL 15 (fsync on, its server on the same 2 cores, load
+1.6–1.9): write 90k atom rows/s, 112k label rows/s; select_batch ``mig`` 2.95 s, ``mig_label``
+59.1 s (its read of 2e6 label rows 9.3 s), ``dopt`` 29.6 s, peaks as on SQLite. ``dopt`` is not in
+the default run (the build of its pool adds
 minutes); add it with ``--selectors mig,mig_label,dopt``.
 
     .venv/bin/python benchmarks/bench_select_path.py            # 1e6 atoms, mig + mig_label (~4 minutes)
