@@ -437,8 +437,9 @@ def main() -> None:
             label_campaign = campaign if label_atoms == n_atoms else build_campaign(
                 url, label_atoms, args.atoms_per_structure, args.dim, args.train, True, seed=1, name="label"
             )
-            print(f"\nmig_label selects from its own campaign: {len(label_campaign.candidate_ids)} cells, "
-                  f"{len(label_campaign.candidate_ids) * args.atoms_per_structure} atoms (--label-atoms)")
+            if label_campaign is not campaign:
+                print(f"\nmig_label selects from its own campaign: {len(label_campaign.candidate_ids)} cells, "
+                      f"{len(label_campaign.candidate_ids) * args.atoms_per_structure} atoms (--label-atoms)")
         print("\nselection stages (each selector in a fresh process; goal: select_batch < 60 s, < 4096 MB)", flush=True)
         headers = ["selector", "stage", "s", "peak MB", "+MB", "note"]
         for name in selectors:
