@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from alforge.uncertainty.lapack_nogil import CholeskyInPlace, worker_count
+from alforge.uncertainty.lapack_nogil import CholeskyInPlace
 
 
 def test_factor_in_place_gives_the_cholesky_diagonal():
@@ -28,7 +28,3 @@ def test_factor_reports_the_failing_minor_and_rejects_bad_layouts():
         CholeskyInPlace(4).factor(np.asfortranarray(np.eye(5))[:4, :4])
     with pytest.raises(ValueError, match="C-contiguous float64"):
         CholeskyInPlace(4).factor(np.eye(3))
-
-
-def test_worker_count_is_positive():
-    assert worker_count() >= 1

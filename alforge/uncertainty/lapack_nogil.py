@@ -55,4 +55,6 @@ class CholeskyInPlace:
 
 def worker_count() -> int:
     """The cores this process may run on (threads for parallel factorisations)."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):  # Linux: honours taskset / cgroup CPU pinning
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
